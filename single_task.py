@@ -1,0 +1,1115 @@
+"""Run a Celery task -- or any function -- at most once at a time per key, under a Redis lease.
+
+Usage::
+
+    from single_task import single_run, current_lease
+
+    @app.task(bind=True)
+    @single_run(key="sync:{account_id}", ttl=30, on_busy="rerun")
+    def sync_account(self, account_id, full=False):
+        store.write(account_id, fence=current_lease().fence)
+
+    with single_run(key="nightly-report", client="redis://localhost:6379/0") as lease:
+        write_report(fence=lease.fence)
+
+A run takes a lease in one round trip and gives it back in one more. While it runs, one watchdog
+thread per process renews every lease the process holds; a holder that dies stops renewing and its
+key frees itself within ``ttl``. Each lease carries a fencing token (``lease.fence``) that grows
+with every acquisition of its key, so a store can refuse writes from a holder that lost its lease.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import hashlib
+import inspect
+import json
+import logging
+import math
+import os
+import random
+import secrets
+import socket
+import string
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable, Final, Literal, Optional, TypeVar, Union, cast
+
+import redis
+
+if TYPE_CHECKING:
+    from typing import ParamSpec
+
+    P = ParamSpec("P")
+
+__all__ = [
+    "AlreadyRunning",
+    "ConfigurationError",
+    "Lease",
+    "RedisUnavailable",
+    "SingleTaskError",
+    "current_lease",
+    "is_running",
+    "single_run",
+]
+__version__ = "0.1.0"
+
+R = TypeVar("R")
+OnBusy = Literal["skip", "raise", "wait", "retry", "rerun"]
+KeyFunc = Callable[..., str]
+
+DEFAULT_PREFIX: Final = "single_task:"
+ENV_URL: Final = "SINGLE_TASK_REDIS_URL"
+ENV_PREFIX: Final = "SINGLE_TASK_PREFIX"
+MAX_KEY_BYTES: Final = 1024
+_POLICIES: Final = ("skip", "raise", "wait", "retry", "rerun")
+
+log_acquire = logging.getLogger("single_task.acquire")
+log_renew = logging.getLogger("single_task.renew")
+log_release = logging.getLogger("single_task.release")
+
+
+# ------------------------------------------------------------------------------------------------
+# Public API
+# ------------------------------------------------------------------------------------------------
+
+
+class SingleTaskError(Exception):
+    """Base of every error this module raises; ``.key`` names the lock key when there is one.
+
+    ``args`` is ``(message, key)`` and ``__init__`` takes exactly that, so an instance rebuilds
+    from pickle and from Celery's JSON exception format alike.
+    """
+
+    def __init__(self, message: str, key: Optional[str] = None) -> None:
+        super().__init__(message, key)
+        self.message = message
+        self.key = key
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class AlreadyRunning(SingleTaskError):
+    """The key is held by another run: raised under ``on_busy="raise"``, after a ``"wait"`` timed
+    out, for ``"retry"`` outside a worker, and by a ``with`` block (which cannot be skipped)."""
+
+
+class RedisUnavailable(SingleTaskError):
+    """Redis could not be asked for the lease, so the run did not happen (fail closed)."""
+
+
+class ConfigurationError(SingleTaskError, ValueError):
+    """An option or a key cannot work; raised as early as possible, at decoration when it can."""
+
+
+class Lease:
+    """One held lease: what ``with single_run(...)`` yields and ``current_lease()`` returns.
+
+    ``key`` is the resolved key (without prefix), ``fence`` an int that grows with every
+    acquisition of the key, ``lost`` turns True once this holder can no longer be sure it holds
+    the key (renewal refused or not confirmed before the deadline). ``holder`` says who holds it.
+    """
+
+    __slots__ = (
+        "_client",
+        "_context",
+        "_deadline",
+        "_lost",
+        "_on_lost",
+        "_parent",
+        "_released",
+        "_renew_at",
+        "_token",
+        "_ttl",
+        "acquired_at",
+        "fail_open",
+        "fence",
+        "holder",
+        "key",
+        "redis_key",
+    )
+
+    def __init__(
+        self,
+        key: str,
+        redis_key: str,
+        token: str,
+        fence: int,
+        ttl: float,
+        client: Any,
+        deadline: float,
+        holder: dict[str, Any],
+        on_lost: Optional[Callable[[Lease], None]],
+        fail_open: bool = False,
+    ) -> None:
+        self.key = key
+        self.redis_key = redis_key
+        self.fence = fence
+        self.holder = holder
+        self.acquired_at = time.time()
+        self.fail_open = fail_open
+        self._token = token
+        self._ttl = ttl
+        self._client = client
+        self._deadline = deadline
+        self._renew_at = deadline - ttl + ttl / 3.0
+        self._lost = fail_open
+        self._released = False
+        self._on_lost = on_lost
+        self._parent: Optional[Lease] = None
+        self._context: Optional[contextvars.Token[Optional[Lease]]] = None
+
+    @property
+    def lost(self) -> bool:
+        """True once the lease may have passed to someone else (read the clock, not a cache)."""
+        return self._lost or time.monotonic() >= self._deadline
+
+    @property
+    def time_left(self) -> float:
+        """Seconds this holder can still count on, by its own conservative clock."""
+        return 0.0 if self._lost else max(0.0, self._deadline - time.monotonic())
+
+    @property
+    def ttl(self) -> float:
+        return self._ttl
+
+    def __repr__(self) -> str:
+        state = "lost" if self.lost else f"{self.time_left:.1f}s left"
+        return f"<Lease {self.key!r} fence={self.fence} {state}>"
+
+
+class single_run:  # noqa: N801 - used like a function: @single_run(...) and with single_run(...)
+    """Hold a Redis lease on ``key`` for the duration of each run.
+
+    As a decorator (on a plain function, or *under* ``@app.task``) every call takes the lease
+    first; when the key is busy, ``on_busy`` decides what happens: ``"skip"`` returns None,
+    ``"raise"`` raises AlreadyRunning, ``"wait"`` blocks (at most ``timeout`` seconds) until the
+    holder hands the key over, ``"retry"`` re-sends the Celery task after ``retry_countdown``
+    seconds without spending its retries, and ``"rerun"`` returns None and has the holder run the
+    function once more after its current run. As a context manager the key must be a plain
+    string, and a busy key raises AlreadyRunning unless ``on_busy="wait"``.
+
+    ``client`` is a redis-py client, a ``redis://``/``rediss://``/``unix://`` URL, or None to use
+    ``$SINGLE_TASK_REDIS_URL``, then the current Celery app's Redis broker, then its Redis result
+    backend. ``fail_open=True`` runs the body without a lease (logging a WARNING) when Redis
+    cannot be reached; by default the error propagates and the body does not run.
+    """
+
+    def __init__(
+        self,
+        key: Union[str, KeyFunc, None] = None,
+        *,
+        ttl: float = 30.0,
+        on_busy: OnBusy = "skip",
+        timeout: Optional[float] = None,
+        client: Any = None,
+        prefix: Optional[str] = None,
+        fail_open: bool = False,
+        on_lost: Optional[Callable[[Lease], None]] = None,
+        retry_countdown: float = 2.0,
+    ) -> None:
+        self.ttl = _check_seconds("ttl", ttl, minimum=0.01)
+        self._ttl_ms = int(self.ttl * 1000)
+        if on_busy not in _POLICIES:
+            raise ConfigurationError(
+                f"on_busy={on_busy!r} is not a policy; use one of {', '.join(map(repr, _POLICIES))}"
+            )
+        self.on_busy: OnBusy = on_busy
+        if timeout is not None:
+            if on_busy != "wait":
+                raise ConfigurationError(
+                    f"timeout={timeout!r} only applies to on_busy='wait' (on_busy={on_busy!r} never waits)"
+                )
+            timeout = _check_seconds("timeout", timeout, minimum=0.0)
+        self.timeout = timeout
+        self.retry_countdown = _check_seconds("retry_countdown", retry_countdown, minimum=0.0)
+        self.prefix = _check_prefix(os.environ.get(ENV_PREFIX, DEFAULT_PREFIX) if prefix is None else prefix)
+        self.client = _check_client(client)
+        self.fail_open = bool(fail_open)
+        if on_lost is not None and not callable(on_lost):
+            raise ConfigurationError(f"on_lost must be callable, not {type(on_lost).__name__}")
+        self.on_lost = on_lost
+        if key is not None and not isinstance(key, str) and not callable(key):
+            raise ConfigurationError(f"key must be a str template or a callable, not {type(key).__name__}")
+        if isinstance(key, str) and not key:
+            raise ConfigurationError("key must not be empty")
+        self.key = key
+        self._resolved_client: Any = None
+
+    # -- decorator ------------------------------------------------------------------------------
+
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, Optional[R]]:
+        _check_decoratable(fn)
+        renderer = _KeyRenderer(self.key, fn)
+        spec = self
+
+        @functools.wraps(fn)
+        def single_run_wrapper(*args: P.args, **kwargs: P.kwargs) -> Optional[R]:
+            return _run(spec, fn, renderer, args, kwargs)
+
+        # Celery checks call arguments with inspect.getfullargspec, which ignores __wrapped__
+        # but honours __signature__: without it .delay() would accept any arguments.
+        single_run_wrapper.__signature__ = renderer.signature  # type: ignore[attr-defined]
+        single_run_wrapper.__single_run__ = (spec, renderer)  # type: ignore[attr-defined]
+        return single_run_wrapper
+
+    # -- context manager ------------------------------------------------------------------------
+
+    def __enter__(self) -> Lease:
+        if self.key is None or callable(self.key) or _template_fields(self.key):
+            raise ConfigurationError(
+                f"`with single_run(key=...)` needs a plain string key, not {self.key!r}: "
+                "there are no function arguments to fill it from"
+            )
+        if self.on_busy == "rerun":
+            raise ConfigurationError(
+                f"on_busy='rerun' needs a decorated function to run again; a with block for "
+                f"{self.key!r} cannot be rerun (use 'wait' or 'raise')",
+                self.key,
+            )
+        lease = _acquire(self, self.key, "wait" if self.on_busy == "wait" else "raise", None)
+        assert lease is not None  # "raise" and "wait" never return None
+        lease._parent = _current.get()
+        lease._context = _current.set(lease)
+        return lease
+
+    def __exit__(self, *exc: object) -> None:
+        # `with` blocks nest, so the innermost lease of this context is the one this block took;
+        # nothing is kept on self, which many threads may share.
+        lease = _current.get()
+        if lease is None or lease._context is None:
+            raise RuntimeError(f"{self!r}: __exit__ without a matching __enter__ in this context")
+        _current.reset(lease._context)
+        if _release(lease, "abort") == _RELEASED_OWED:
+            log_release.warning(
+                "A rerun of %r was requested while a with block held it; a with block cannot be "
+                "rerun, so that request is dropped",
+                lease.key,
+            )
+
+    def __repr__(self) -> str:
+        return f"single_run(key={self.key!r}, ttl={self.ttl}, on_busy={self.on_busy!r})"
+
+
+def current_lease() -> Optional[Lease]:
+    """The lease of the innermost run or ``with`` block in this context, or None outside one."""
+    return _current.get()
+
+
+def is_running(task_or_function: Any, *args: Any, **kwargs: Any) -> bool:
+    """True when a run of ``task_or_function`` for these arguments holds its lease right now.
+
+    Accepts a Celery task or a function decorated with ``@single_run``; enqueues nothing.
+    """
+    spec, renderer, bound_task = _spec_of(task_or_function)
+    if bound_task is not None:
+        args = (bound_task, *args)
+    key = renderer.render(args, kwargs)
+    client = _client_of(spec)
+    try:
+        return bool(client.exists(_lease_key(spec.prefix, key)))
+    except redis.RedisError as exc:
+        raise RedisUnavailable(f"could not ask Redis whether {key!r} is running: {exc}", key) from exc
+
+
+# ------------------------------------------------------------------------------------------------
+# The lease core
+# ------------------------------------------------------------------------------------------------
+
+# Every operation on a key is this one script, so each step of the protocol is atomic on the node
+# that owns the key's hash slot. KEYS: lease hash, fence counter, wait queue, waiter details.
+# ARGV[1] is the operation:
+#   a  acquire: take the key if free; if busy, return its PTTL and (by ARGV[6]) ask the holder
+#      for a rerun or join the wait queue. A holder with the caller's Celery task id is the
+#      caller's own previous attempt, releasing after self.retry(): the caller always waits.
+#   n  renew: replace the TTL, only if the caller still owns the key.
+#   r  release, only by the owner: run again if a rerun is owed and ARGV[4] is 'e'; otherwise
+#      delete, then hand the key straight to the first live waiter ('c' cancels a wait first).
+# A fence is the server clock in microseconds, never below the last fence issued for the key, so
+# it keeps growing across expiry of the counter key and across restarts.
+_SCRIPT: Final = r"""
+local lease, fkey, queue, winfo = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local op, token = ARGV[1], ARGV[2]
+
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+local function take(who, ttl, tid, holder, now)
+  local fence = now
+  local last = tonumber(redis.call('GET', fkey) or '0')
+  if fence <= last then fence = last + 1 end
+  local f = string.format('%.0f', fence)
+  redis.call('HSET', lease, 't', who, 'f', f, 'i', tid, 'h', holder,
+             's', string.format('%.0f', math.floor(now / 1000)))
+  redis.call('PEXPIRE', lease, ttl)
+  redis.call('SET', fkey, f, 'PX', tonumber(ttl) + 60000)
+  return f
+end
+
+if op == 'n' then
+  if redis.call('HGET', lease, 't') == token then
+    redis.call('PEXPIRE', lease, ARGV[3])
+    return 1
+  end
+  return 0
+end
+
+if op == 'a' then
+  local ttl, tid, holder, busy = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+  local cur = redis.call('HMGET', lease, 't', 'i', 'f')
+  if not cur[1] then
+    local f = take(token, ttl, tid, holder, now_us())
+    if busy == 'w' then
+      redis.call('LREM', queue, 0, token)
+      redis.call('HDEL', winfo, token)
+    end
+    return {1, f}
+  end
+  if cur[1] == token then
+    redis.call('DEL', lease .. ':h:' .. token)
+    return {1, cur[3]}
+  end
+  local own = 0
+  if tid ~= '' and cur[2] == tid then
+    own = 1
+    busy = 'w'
+  end
+  if busy == 'r' then
+    redis.call('HSET', lease, 'r', '1')
+  elseif busy == 'w' then
+    local alive = tonumber(ARGV[7])
+    local until_ms = string.format('%.0f', math.floor(now_us() / 1000) + alive)
+    if redis.call('HSET', winfo, token, until_ms .. '|' .. ttl .. '|' .. tid .. '|' .. holder) == 1 then
+      redis.call('RPUSH', queue, token)
+    end
+    if redis.call('PTTL', queue) < 2 * alive then
+      redis.call('PEXPIRE', queue, 2 * alive)
+      redis.call('PEXPIRE', winfo, 2 * alive)
+    end
+  end
+  return {0, redis.call('PTTL', lease), own}
+end
+
+local mode = ARGV[4]
+if mode == 'c' then
+  redis.call('LREM', queue, 0, token)
+  redis.call('HDEL', winfo, token)
+  redis.call('DEL', lease .. ':h:' .. token)
+end
+local cur = redis.call('HMGET', lease, 't', 'r')
+if cur[1] ~= token then return 0 end
+if cur[2] and mode == 'e' then
+  redis.call('HDEL', lease, 'r')
+  redis.call('PEXPIRE', lease, ARGV[3])
+  return 2
+end
+redis.call('DEL', lease)
+local now = nil
+while true do
+  local w = redis.call('LPOP', queue)
+  if not w then break end
+  local info = redis.call('HGET', winfo, w)
+  if info then
+    redis.call('HDEL', winfo, w)
+    now = now or now_us()
+    local alive, ttl, tid, holder = string.match(info, '^(%d+)|(%d+)|([^|]*)|(.*)$')
+    if alive and tonumber(alive) * 1000 >= now then
+      local f = take(w, ttl, tid, holder, now)
+      local hk = lease .. ':h:' .. w
+      redis.call('RPUSH', hk, f)
+      redis.call('PEXPIRE', hk, ttl)
+      break
+    end
+  end
+end
+if cur[2] then return 3 end
+return 1
+"""
+_SCRIPT_SHA: Final = hashlib.sha1(_SCRIPT.encode()).hexdigest()
+
+# Release outcomes, as the script returns them.
+_NOT_OWNER: Final = 0
+_RELEASED: Final = 1
+_RERUN: Final = 2
+_RELEASED_OWED: Final = 3
+_RELEASE_MODE: Final = {"end": "e", "abort": "a", "cancel": "c"}
+
+# The longest single BLPOP of a waiter: it re-polls at least this often, which keeps its place in
+# the queue alive and stays under the socket timeout of the clients built here.
+_WAIT_SLICE: Final = 5.0
+
+_current: contextvars.ContextVar[Optional[Lease]] = contextvars.ContextVar("single_task_lease", default=None)
+_HOST: Final = socket.gethostname()
+_lost_lock = threading.Lock()
+
+
+def _lease_key(prefix: str, key: str) -> str:
+    # The braces make the whole user key the Redis Cluster hash tag, and every companion key
+    # only appends a suffix after the closing brace, so all of a key's keys share one slot even
+    # when the user key itself contains braces (Redis hashes up to the first '}' after '{').
+    return f"{prefix}{{{key}}}"
+
+
+def _keys(redis_key: str) -> tuple[str, str, str, str]:
+    return redis_key, redis_key + ":fence", redis_key + ":q", redis_key + ":w"
+
+
+def _script(client: Any, keys: tuple[str, str, str, str], *args: Any) -> Any:
+    """Run the script by SHA; after a Redis restart emptied the cache, send it once in full."""
+    try:
+        return client.evalsha(_SCRIPT_SHA, 4, *keys, *args)
+    except redis.exceptions.NoScriptError:
+        return client.eval(_SCRIPT, 4, *keys, *args)
+
+
+def _acquire(spec: single_run, key: str, policy: str, task: Any) -> Optional[Lease]:
+    """Take the lease for ``key`` or apply ``policy`` ("skip", "raise", "wait", "rerun").
+
+    Returns the lease, or None when the call should return without running.
+    """
+    if len(key.encode()) > MAX_KEY_BYTES:
+        raise ConfigurationError(
+            f"key {key[:60]!r}... is {len(key.encode())} bytes; keys are limited to {MAX_KEY_BYTES} "
+            "bytes (build it from an id, not from the data)",
+            key,
+        )
+    parent = _current.get()
+    while parent is not None:
+        if parent.key == key and parent.redis_key == _lease_key(spec.prefix, key) and not parent.fail_open:
+            raise AlreadyRunning(
+                f"{key!r} is already held by this very run (a nested call with the same key); "
+                "the inner call would wait for itself",
+                key,
+            )
+        parent = parent._parent
+    client = _client_of(spec)
+    redis_key = _lease_key(spec.prefix, key)
+    keys = _keys(redis_key)
+    token = secrets.token_hex(16)
+    task_id = ""
+    if task is not None:
+        task_id = getattr(task.request, "id", None) or ""
+    holder = {"host": _HOST, "pid": os.getpid(), "task_id": task_id or None}
+    holder_json = json.dumps(holder, separators=(",", ":"))
+    busy = {"rerun": "r", "wait": "w"}.get(policy, "t")
+    alive_ms = _alive_ms(spec.ttl)
+    # The deadline is counted from before the request is sent: the server's TTL can only have
+    # started later, so this holder never believes in the lease longer than Redis keeps it.
+    sent = time.monotonic()
+    try:
+        reply = _script(client, keys, "a", token, spec._ttl_ms, task_id, holder_json, busy, alive_ms)
+    except redis.RedisError as exc:
+        return _redis_failed(spec, key, exc)
+    if reply[0] == 1:
+        taken = Lease(key, redis_key, token, int(reply[1]), spec.ttl, client, sent + spec.ttl, holder, spec.on_lost)
+        _watchdog.add(taken)
+        log_acquire.debug("Acquired %r fence=%s", key, taken.fence)
+        return taken
+    pttl, own = int(reply[1]), int(reply[2])
+    if own:
+        # Our own earlier attempt holds the key and is about to release it (self.retry()
+        # publishes before it unwinds): wait for the hand-off rather than skip our own retry.
+        lease = _wait(spec, key, client, keys, token, task_id, holder, holder_json, spec.ttl, pttl, sent)
+        if lease is not None:
+            return lease
+        if policy == "wait":
+            sent = time.monotonic()
+    if policy == "wait":
+        lease = _wait(spec, key, client, keys, token, task_id, holder, holder_json, spec.timeout, pttl, sent)
+        if lease is not None:
+            return lease
+        raise AlreadyRunning(f"{key!r} is still held after waiting {spec.timeout}s", key)
+    if policy == "rerun":
+        log_acquire.info("Busy %r: the holder will run again after its current run", key)
+        return None
+    if policy == "skip":
+        log_acquire.info("Busy %r: skipped (%d ms left on the holder's lease)", key, pttl)
+        return None
+    raise AlreadyRunning(f"{key!r} is already running (the holder's lease has {pttl} ms left)", key)
+
+
+def _alive_ms(ttl: float) -> int:
+    # How long a waiter's place stays valid without news from it: two wait slices and a second.
+    return int(2000 * min(ttl / 4.0, _WAIT_SLICE) + 1000)
+
+
+def _wait(
+    spec: single_run,
+    key: str,
+    client: Any,
+    keys: tuple[str, str, str, str],
+    token: str,
+    task_id: str,
+    holder: dict[str, Any],
+    holder_json: str,
+    timeout: Optional[float],
+    pttl_ms: int,
+    sent: float,
+) -> Optional[Lease]:
+    """Block until the releasing holder hands us the key; None after ``timeout`` seconds.
+
+    The caller already joined the queue (same round trip as the failed acquire). Each BLPOP is
+    bounded by the holder's remaining TTL, so a holder that died is noticed when its lease runs
+    out, and by a slice short enough to keep our place in the queue marked alive.
+    """
+    handoff = keys[0] + ":h:" + token
+    slice_cap = min(spec.ttl / 4.0, _WAIT_SLICE, _socket_budget(client))
+    end = math.inf if timeout is None else sent + timeout
+    proof = sent  # the last moment we know the key had not been handed to us yet
+    while True:
+        now = time.monotonic()
+        if now >= end:
+            try:
+                _script(client, keys, "r", token, spec._ttl_ms, "c")
+            except redis.RedisError as exc:
+                log_acquire.warning("Could not leave the wait queue of %r: %s", key, exc)
+            return None
+        block = max(0.01, min(slice_cap, pttl_ms / 1000.0 + 0.002, end - now))
+        sent_block = time.monotonic()
+        try:
+            got = client.blpop([handoff], timeout=block)
+            if got is not None:
+                fence = int(got[1])
+                break
+            proof = sent_block
+            sent_poll = time.monotonic()
+            reply = _script(client, keys, "a", token, spec._ttl_ms, task_id, holder_json, "w", _alive_ms(spec.ttl))
+        except redis.RedisError as exc:
+            _script_quietly(client, keys, token, spec._ttl_ms)
+            raise RedisUnavailable(f"lost touch with Redis while waiting for {key!r}: {exc}", key) from exc
+        if reply[0] == 1:
+            fence = int(reply[1])
+            break
+        proof = sent_poll
+        pttl_ms = int(reply[1])
+    lease = Lease(key, keys[0], token, fence, spec.ttl, client, proof + spec.ttl, holder, spec.on_lost)
+    _watchdog.add(lease)
+    log_acquire.debug("Acquired %r by hand-off, fence=%s", key, fence)
+    return lease
+
+
+def _script_quietly(client: Any, keys: tuple[str, str, str, str], token: str, ttl_ms: int) -> None:
+    # Redis is what failed; if this does not get through either, our queue entry expires by itself.
+    with contextlib.suppress(redis.RedisError):
+        _script(client, keys, "r", token, ttl_ms, "c")
+
+
+def _socket_budget(client: Any) -> float:
+    # A BLPOP longer than the client's socket timeout would fail with TimeoutError.
+    try:
+        socket_timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
+    except AttributeError:
+        return _WAIT_SLICE
+    return _WAIT_SLICE if not socket_timeout else max(0.05, float(socket_timeout) * 0.8)
+
+
+def _release(lease: Lease, mode: str) -> int:
+    """Give the lease back (owner-checked); returns one of the _RELEASED... outcomes."""
+    if lease.fail_open:
+        return _RELEASED
+    lease._released = True  # from here on a refused renewal is ours, not a loss
+    sent = time.monotonic()
+    try:
+        outcome = int(
+            _script(
+                lease._client, _keys(lease.redis_key), "r", lease._token, int(lease._ttl * 1000), _RELEASE_MODE[mode]
+            )
+        )
+    except redis.RedisError as exc:
+        _watchdog.discard(lease)
+        log_release.warning(
+            "Could not release %r (%s); it expires by itself within %.1fs", lease.key, exc, lease.time_left
+        )
+        return _RELEASED
+    if outcome == _RERUN:
+        lease._deadline = sent + lease._ttl
+        lease._renew_at = sent + lease._ttl / 3.0
+        lease._released = False
+        return _RERUN
+    _watchdog.discard(lease)
+    if outcome == _NOT_OWNER:
+        _lose(lease, "at release the key was gone or held by another owner")
+    elif time.monotonic() >= lease._deadline:
+        _lose(lease, "the run outlived the lease's confirmed deadline")
+    else:
+        log_release.debug("Released %r", lease.key)
+    return outcome
+
+
+def _lose(lease: Lease, reason: str) -> None:
+    """Mark the lease lost and report it once: a WARNING and the user's on_lost callback."""
+    with _lost_lock:
+        if lease._lost:
+            return
+        lease._lost = True
+    log_renew.warning("Lease on %r (fence %s) was lost: %s", lease.key, lease.fence, reason)
+    if lease._on_lost is not None:
+        try:
+            lease._on_lost(lease)
+        except Exception:
+            log_renew.exception("on_lost callback for %r raised", lease.key)
+
+
+def _redis_failed(spec: single_run, key: str, exc: Exception) -> Optional[Lease]:
+    if not spec.fail_open:
+        raise RedisUnavailable(
+            f"could not take the lease for {key!r}, so it did not run: {type(exc).__name__}: {exc}", key
+        ) from exc
+    log_acquire.warning("Redis failed (%s); running %r WITHOUT a lease (fail_open=True)", exc, key)
+    holder = {"host": _HOST, "pid": os.getpid(), "task_id": None}
+    return Lease(key, _lease_key(spec.prefix, key), "", 0, spec.ttl, None, math.inf, holder, None, fail_open=True)
+
+
+class _Watchdog:
+    """One thread per process renews every lease the process holds.
+
+    Leases due within the next sixth of their TTL are renewed together, one pipeline per client
+    (one round trip per Redis node), so a thousand leases cost about one round trip per period.
+    """
+
+    _IDLE: Final = 30.0
+
+    def __init__(self) -> None:
+        self._leases: dict[int, Lease] = {}
+        self._cond = threading.Condition(threading.Lock())
+        self._wake_at = math.inf
+        self._thread: Optional[threading.Thread] = None
+        self._pid = os.getpid()
+
+    def add(self, lease: Lease) -> None:
+        self._leases[id(lease)] = lease
+        with self._cond:
+            if self._thread is None:
+                self._thread = _start_thread(self._loop, "single_task-watchdog")
+            if lease._renew_at < self._wake_at:
+                self._cond.notify()
+
+    def discard(self, lease: Lease) -> None:
+        self._leases.pop(id(lease), None)
+
+    def _loop(self) -> None:
+        while self._pid == os.getpid():
+            try:
+                self._tick()
+            except Exception:  # never let one bad round end renewal for the whole process
+                log_renew.exception("watchdog round failed")
+                time.sleep(0.1)
+
+    def _tick(self) -> None:
+        with self._cond:
+            now = time.monotonic()
+            leases = list(self._leases.values())
+            due = [le for le in leases if le._renew_at - le._ttl / 6.0 <= now]
+            if not due:
+                self._wake_at = min((le._renew_at - le._ttl / 6.0 for le in leases), default=now + self._IDLE)
+                self._cond.wait(max(0.0, self._wake_at - now))
+                self._wake_at = math.inf
+                return
+        by_client: dict[int, list[Lease]] = {}
+        for lease in due:
+            by_client.setdefault(id(lease._client), []).append(lease)
+        for group in by_client.values():
+            self._renew(group)
+        now = time.monotonic()
+        for lease in leases:
+            if now >= lease._deadline and not lease._released:
+                self.discard(lease)
+                _lose(lease, f"renewal not confirmed within its {lease._ttl}s lease")
+
+    def _renew(self, group: list[Lease]) -> None:
+        client = group[0]._client
+        sent = time.monotonic()
+        try:
+            pipe = client.pipeline(transaction=False)
+            for lease in group:
+                pipe.evalsha(_SCRIPT_SHA, 4, *_keys(lease.redis_key), "n", lease._token, int(lease._ttl * 1000))
+            replies = pipe.execute(raise_on_error=False)
+            if any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+                replies = [_script(client, _keys(le.redis_key), "n", le._token, int(le._ttl * 1000)) for le in group]
+        except redis.RedisError as exc:
+            log_renew.warning("Could not renew %d lease(s): %s; retrying", len(group), exc)
+            for lease in group:
+                lease._renew_at = time.monotonic() + min(lease._ttl / 10.0, 0.5)
+            return
+        for lease, reply in zip(group, replies):
+            if lease._released:
+                continue
+            if isinstance(reply, Exception):
+                log_renew.warning("Could not renew %r: %s", lease.key, reply)
+                lease._renew_at = time.monotonic() + min(lease._ttl / 10.0, 0.5)
+            elif int(reply) == 1:
+                lease._deadline = sent + lease._ttl
+                lease._renew_at = sent + lease._ttl / 3.0
+                log_renew.debug("Renewed %r", lease.key)
+            else:
+                self.discard(lease)
+                _lose(lease, "at renewal the key was gone or held by another owner")
+
+
+def _start_thread(target: Callable[[], None], name: str) -> threading.Thread:
+    """Start a daemon OS thread, a real one even when gevent has patched ``threading``."""
+    if "gevent" in sys.modules:
+        try:
+            from gevent import monkey
+
+            if monkey.is_module_patched("threading"):
+                start_new = monkey.get_original("_thread", "start_new_thread")
+                start_new(target, ())
+                return cast(threading.Thread, None)  # not joinable; it lives as long as the process
+        except ImportError:
+            pass
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+_watchdog = _Watchdog()
+
+
+def _after_fork_in_child() -> None:
+    # Leases belong to the process that took them: a forked child neither renews nor releases
+    # them, and starts its own watchdog when it takes its first lease.
+    global _watchdog
+    _watchdog = _Watchdog()
+    _current.set(None)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# -- clients -------------------------------------------------------------------------------------
+
+_clients: dict[str, Any] = {}
+_clients_lock = threading.Lock()
+_URL_SCHEMES: Final = ("redis://", "rediss://", "unix://")
+
+
+def _check_client(client: Any) -> Any:
+    if client is None:
+        return None
+    if isinstance(client, str):
+        if not client.startswith(_URL_SCHEMES):
+            raise ConfigurationError(
+                f"client URL {_redact(client)!r} is not a Redis URL; use redis://, rediss:// or unix://"
+            )
+        return client
+    if not callable(getattr(client, "evalsha", None)):
+        raise ConfigurationError(f"client must be a redis-py client or a Redis URL, not {type(client).__name__}")
+    return client
+
+
+def _client_of(spec: single_run) -> Any:
+    client = spec._resolved_client
+    if client is None:
+        client = spec.client
+        if client is None:
+            client = _default_url()
+        if isinstance(client, str):
+            client = _client_for_url(client)
+        spec._resolved_client = client
+    return client
+
+
+def _client_for_url(url: str) -> Any:
+    with _clients_lock:
+        client = _clients.get(url)
+        if client is None:
+            # redis-py pools notice a fork by pid and reconnect in the child, so one pool per URL
+            # per process is safe. Timeouts keep a dead or paused server from hanging a run.
+            client = redis.Redis.from_url(url, socket_connect_timeout=5.0, socket_timeout=10.0)
+            _clients[url] = client
+        return client
+
+
+def _default_url() -> str:
+    tried = [f"${ENV_URL} (unset)"]
+    url = os.environ.get(ENV_URL)
+    if url:
+        return url
+    try:
+        from celery import current_app
+
+        conf = current_app.conf
+        for name in ("broker_url", "result_backend"):
+            value = conf.get(name)
+            first = _first_url(value)
+            if first and first.startswith(_URL_SCHEMES):
+                return first
+            if first and first.startswith("redis+socket://"):
+                return "unix://" + first[len("redis+socket://") :]
+            tried.append(f"Celery {name} ({_redact(first) if first else 'unset'}: not Redis)")
+    except ImportError:
+        tried.append("Celery (not installed)")
+    raise ConfigurationError("no Redis to hold leases: pass client=..., or set one of: " + "; ".join(tried))
+
+
+def _first_url(value: Any) -> Optional[str]:
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    if isinstance(value, str) and value:
+        return value.split(";")[0].strip()
+    return None
+
+
+def _redact(url: str) -> str:
+    head, sep, tail = url.partition("@")
+    if not sep:
+        return url
+    scheme, _, _ = head.partition("://")
+    return f"{scheme}://***@{tail}"
+
+
+# -- keys ----------------------------------------------------------------------------------------
+
+_formatter = string.Formatter()
+
+
+def _template_fields(template: str) -> list[str]:
+    return [field for _, field, _, _ in _formatter.parse(template) if field is not None]
+
+
+class _KeyRenderer:
+    """Turns a call's arguments into its key, checked against the signature at decoration time.
+
+    Template fields are looked up positionally or by name without ``Signature.bind`` (which is
+    slow on every call); the full bind only runs to produce Python's own TypeError.
+    """
+
+    def __init__(self, key: Union[str, KeyFunc, None], fn: Callable[..., Any]) -> None:
+        self.name = f"{fn.__module__}.{fn.__qualname__}"
+        self.signature = inspect.signature(fn)
+        self.func: Optional[KeyFunc] = None
+        self.constant: Optional[str] = None
+        self.template = ""
+        self.lookups: list[tuple[str, int, Any]] = []
+        if key is None:
+            self.constant = self.name
+        elif callable(key):
+            self.func = key
+        else:
+            self._plan(key)
+
+    def _plan(self, template: str) -> None:
+        params = self.signature.parameters
+        try:
+            fields = _template_fields(template)
+        except ValueError as exc:
+            raise ConfigurationError(f"key template {template!r} of {self.name} is malformed: {exc}") from exc
+        if not fields:
+            self.constant = template
+            return
+        roots: list[str] = []
+        for field in fields:
+            root = field.split(".", 1)[0].split("[", 1)[0]
+            if not root or root.isdigit():
+                raise ConfigurationError(
+                    f"key template {template!r} of {self.name} has a positional field {{{field}}}; "
+                    f"name the parameter instead, e.g. {{{next(iter(params), 'arg')}}}"
+                )
+            if root not in params:
+                raise ConfigurationError(
+                    f"key field {{{field}}} of {self.name} names no parameter; "
+                    f"its parameters are: {', '.join(params) or '(none)'}"
+                )
+            kind = params[root].kind
+            if kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+                raise ConfigurationError(
+                    f"key field {{{field}}} of {self.name} names *{root}; use a key callable for variadic arguments"
+                )
+            if root not in roots:
+                roots.append(root)
+        self.template = template
+        positional = [p.name for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        for root in roots:
+            p = params[root]
+            index = positional.index(root) if root in positional else -1
+            self.lookups.append((root, index, p.default))
+
+    def render(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        if self.constant is not None:
+            return self.constant
+        if self.func is not None:
+            try:
+                key = self.func(*args, **kwargs)
+            except Exception as exc:
+                raise ConfigurationError(f"the key callable of {self.name} raised {type(exc).__name__}: {exc}") from exc
+            if not isinstance(key, str) or not key:
+                raise ConfigurationError(f"the key callable of {self.name} must return a non-empty str, not {key!r}")
+            return key
+        values: dict[str, Any] = {}
+        for name, index, default in self.lookups:
+            if 0 <= index < len(args):
+                values[name] = args[index]
+            elif name in kwargs:
+                values[name] = kwargs[name]
+            elif default is not inspect.Parameter.empty:
+                values[name] = default
+            else:
+                self.signature.bind(*args, **kwargs)  # raises the TypeError Python would raise
+                raise TypeError(f"{self.name}() missing argument {name!r}")
+        try:
+            key = self.template.format_map(values)
+        except (AttributeError, LookupError, ValueError, TypeError) as exc:
+            raise ConfigurationError(
+                f"could not build key {self.template!r} of {self.name}: {type(exc).__name__}: {exc}"
+            ) from exc
+        if not key:
+            raise ConfigurationError(f"key {self.template!r} of {self.name} rendered empty")
+        return key
+
+
+# -- validation ----------------------------------------------------------------------------------
+
+
+def _check_seconds(name: str, value: Any, minimum: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigurationError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds < minimum or (minimum > 0 and seconds <= 0):
+        raise ConfigurationError(f"{name}={value!r} is out of range: it must be a finite number >= {minimum}s")
+    return seconds
+
+
+def _check_prefix(prefix: Any) -> str:
+    if not isinstance(prefix, str):
+        raise ConfigurationError(f"prefix must be a str, not {type(prefix).__name__}")
+    if "{" in prefix or "}" in prefix:
+        raise ConfigurationError(f"prefix {prefix!r} must not contain braces: they decide Redis Cluster slots")
+    return prefix
+
+
+def _check_decoratable(fn: Any) -> None:
+    if not callable(fn):
+        raise ConfigurationError(
+            f"single_run(...) decorates a function, not {type(fn).__name__}; did you write "
+            "@single_run without parentheses? Write @single_run()"
+        )
+    if hasattr(fn, "apply_async") and hasattr(fn, "run"):
+        raise ConfigurationError(
+            f"@single_run is above @app.task on {getattr(fn, 'name', fn)!r}; put it below, so "
+            "that it wraps the function the worker runs:\n    @app.task\n    @single_run(...)\n    def ..."
+        )
+    if inspect.isclass(fn):
+        raise ConfigurationError(f"@single_run decorates functions, not the class {fn.__qualname__}")
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        raise ConfigurationError(
+            f"{fn.__qualname__} is a coroutine function; single_run holds a lease for a blocking "
+            "call and does not support async functions"
+        )
+    if inspect.isgeneratorfunction(fn):
+        raise ConfigurationError(
+            f"{fn.__qualname__} is a generator function: its body runs after the call returns, "
+            "outside the lease; decorate a function that does the work"
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Celery glue
+# ------------------------------------------------------------------------------------------------
+
+
+def _current_task() -> Any:
+    """The Celery task executing in this thread, or None (and None when Celery is absent)."""
+    try:
+        from celery._state import get_current_task
+    except ImportError:
+        return None
+    task = get_current_task()
+    if task is None or task.request.called_directly:
+        return None
+    return task
+
+
+def _run(
+    spec: single_run, fn: Callable[..., R], renderer: _KeyRenderer, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Optional[R]:
+    """One decorated call: acquire, run (again, while reruns are owed), release."""
+    key = renderer.render(args, kwargs)
+    task = _current_task()
+    policy = spec.on_busy
+    lease: Optional[Lease] = None
+    if policy == "retry":
+        if task is None or task.request.is_eager:
+            policy = "raise"  # no broker to re-send through: the caller sees AlreadyRunning
+        else:
+            try:
+                lease = _acquire(spec, key, "raise", task)
+            except AlreadyRunning as exc:
+                raise _busy_retry(spec, task, exc) from None
+    if policy != "retry":
+        lease = _acquire(spec, key, policy, task)
+    if lease is None:
+        return None
+    lease._parent = _current.get()
+    context_token = _current.set(lease)
+    try:
+        while True:
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:
+                if _release(lease, "abort") == _RELEASED_OWED:
+                    _pass_on_rerun(spec, fn, lease, task, args, kwargs, exc)
+                raise
+            if _release(lease, "end") != _RERUN:
+                return result
+            log_acquire.info("Running %r again: a rerun was requested during the last run", key)
+    finally:
+        _current.reset(context_token)
+
+
+def _busy_retry(spec: single_run, task: Any, exc: AlreadyRunning) -> Any:
+    """Re-send the current Celery task after ``retry_countdown`` seconds, as Task.retry does,
+    but without counting the attempt against the task's own ``max_retries``."""
+    from celery.exceptions import Retry
+
+    countdown = spec.retry_countdown * random.uniform(0.5, 1.5)  # spread a herd of retries
+    request = task.request
+    sig = task.signature_from_request(request, None, None, countdown=countdown, retries=request.retries)
+    sig.apply_async()
+    return Retry(exc=exc, when=countdown, sig=sig)
+
+
+def _pass_on_rerun(
+    spec: single_run,
+    fn: Callable[..., Any],
+    lease: Lease,
+    task: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    exc: BaseException,
+) -> None:
+    """A run that owed a rerun raised: the request must still be served by a later run."""
+    from celery.exceptions import Retry
+
+    if isinstance(exc, Retry) and getattr(exc, "sig", None) is not None:
+        return  # the retry already queued is a later run
+    if task is not None and not task.request.is_eager:
+        call_args = args[1:] if args and args[0] is task else args
+        task.apply_async(call_args, kwargs)
+        log_release.warning(
+            "Run of %r raised %s; the rerun it owed was sent as a new task", lease.key, type(exc).__name__
+        )
+        return
+    log_release.warning(
+        "Run of %r raised %s; the rerun it owed is dropped (outside a worker there is nobody to run it)",
+        lease.key,
+        type(exc).__name__,
+    )
+
+
+def _spec_of(obj: Any) -> tuple[single_run, _KeyRenderer, Any]:
+    """The single_run behind a decorated function or Celery task, and the task if it is bound."""
+    run = getattr(obj, "run", None) if hasattr(obj, "apply_async") else obj
+    found = getattr(run, "__single_run__", None)
+    if found is None:
+        raise ConfigurationError(f"{obj!r} is not decorated with @single_run")
+    spec, renderer = found
+    bound = obj if inspect.ismethod(run) else None
+    return spec, renderer, bound

@@ -1,0 +1,1 @@
+"""Helpers for the tests, the demo, the benchmark and the chaos run (not part of the library)."""
