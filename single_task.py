@@ -260,7 +260,7 @@ class single_run:  # noqa: N801 - used like a function: @single_run(...) and wit
     # -- context manager ------------------------------------------------------------------------
 
     def __enter__(self) -> Lease:
-        if self.key is None or callable(self.key) or _template_fields(self.key):
+        if self.key is None or callable(self.key) or _looks_like_template(self.key):
             raise ConfigurationError(
                 f"`with single_run(key=...)` needs a plain string key, not {self.key!r}: "
                 "there are no function arguments to fill it from"
@@ -873,6 +873,13 @@ _formatter = string.Formatter()
 
 def _template_fields(template: str) -> list[str]:
     return [field for _, field, _, _ in _formatter.parse(template) if field is not None]
+
+
+def _looks_like_template(key: str) -> bool:
+    try:
+        return bool(_template_fields(key))
+    except ValueError:
+        return False  # not a valid template, so a literal key
 
 
 class _KeyRenderer:

@@ -1,0 +1,98 @@
+"""The Celery app the test workers run. Broker, backend and leases all use $SINGLE_TASK_TEST_URL."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import redis
+from celery import Celery
+
+from single_task import current_lease, single_run
+
+URL = os.environ.get("SINGLE_TASK_TEST_URL", "redis://127.0.0.1:6379/0")
+app = Celery("single_task_tests", broker=URL, backend=URL)
+app.conf.update(
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json", "pickle"],
+    worker_prefetch_multiplier=1,
+    broker_connection_retry_on_startup=True,
+)
+_record = redis.Redis.from_url(URL)
+
+
+def _log_run(key: str, seconds: float) -> bool:
+    """Record a run's start and end, and the largest number of concurrent runs seen per key.
+
+    INCR/DECR in Redis counts overlap independently of clocks; the start/end list lets the test
+    check by time too and count that every run was seen.
+    """
+    lease = current_lease()
+    start = time.time()
+    active = _record.incr(f"rec:active:{key}")
+    _record.eval(
+        "if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then "
+        "redis.call('SET', KEYS[1], ARGV[1]) end", 1, f"rec:max:{key}", active)
+    time.sleep(seconds)
+    _record.decr(f"rec:active:{key}")
+    fence = lease.fence if lease is not None else -1
+    _record.rpush(f"rec:runs:{key}", f"{start!r} {time.time()!r} {os.getpid()} {fence}")
+    return True
+
+
+@app.task
+@single_run(key="flood:{n}", ttl=10)
+def flood(n: int, seconds: float = 0.02) -> bool:
+    return _log_run(f"flood:{n}", seconds)
+
+
+@app.task
+def flood_unlocked(n: int, seconds: float = 0.02) -> bool:
+    """The same work without the lock: proves the overlap detector can see an overlap."""
+    return _log_run(f"flood:{n}", seconds)
+
+
+@app.task(bind=True, max_retries=3)
+@single_run(key="retrying:{n}", ttl=10)
+def retrying(self: object, n: int, attempts: int) -> int:
+    """Retries itself with countdown=0 until it has run ``attempts`` times."""
+    runs = _record.incr(f"rec:retrying:{n}")
+    if self.request.retries + 1 < attempts:  # type: ignore[attr-defined]
+        raise self.retry(countdown=0, max_retries=attempts)  # type: ignore[attr-defined]
+    return runs
+
+
+@app.task(bind=True)
+@single_run(key="busy:{n}", ttl=10, on_busy="raise")
+def raising(self: object, n: int, seconds: float) -> str:
+    time.sleep(seconds)
+    return "ran"
+
+
+@app.task(bind=True, max_retries=1)
+@single_run(key="contended:{n}", ttl=10, on_busy="retry", retry_countdown=0.2)
+def contended(self: object, n: int, seconds: float) -> int:
+    time.sleep(seconds)
+    return int(self.request.retries)  # type: ignore[attr-defined]
+
+
+@app.task(bind=True)
+@single_run(key="holder:{n}", ttl=10)
+def who_holds(self: object, n: int) -> dict[str, object]:
+    lease = current_lease()
+    assert lease is not None
+    return {"holder": lease.holder, "fence": lease.fence, "task_id": self.request.id}  # type: ignore[attr-defined]
+
+
+@app.task(time_limit=5, soft_time_limit=0.5)
+@single_run(key="slow:{n}", ttl=10)
+def soft_limited(n: int) -> str:
+    time.sleep(3)
+    return "finished"
+
+
+@app.task
+@single_run(key="rerun:{n}", ttl=10, on_busy="rerun")
+def rerun_task(n: int, seconds: float) -> bool:
+    return _log_run(f"rerun:{n}", seconds)
