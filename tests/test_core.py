@@ -262,9 +262,8 @@ def test_raise_raises_already_running_with_the_key(redis_url: str) -> None:
 
 
 def test_a_busy_with_block_raises(redis_url: str) -> None:
-    with held_elsewhere(redis_url, "cm"), pytest.raises(AlreadyRunning):
-        with single_run(key="cm", client=redis_url):
-            pass
+    with held_elsewhere(redis_url, "cm"), pytest.raises(AlreadyRunning), single_run(key="cm", client=redis_url):
+        pass
 
 
 def test_wait_gets_the_key_from_the_release_in_order(redis_url: str) -> None:
@@ -517,8 +516,8 @@ def test_current_lease_is_none_outside_a_run() -> None:
     ConfigurationError("bad", None),
 ])
 def test_errors_survive_pickle_and_celery_json_rebuild(exc: single_task.SingleTaskError) -> None:
-    from celery.backends.base import Backend
     from celery import Celery
+    from celery.backends.base import Backend
 
     copy = pickle.loads(pickle.dumps(exc))
     assert type(copy) is type(exc) and copy.key == exc.key and str(copy) == str(exc)
