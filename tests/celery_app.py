@@ -15,7 +15,7 @@ app = Celery("single_task_tests", broker=URL, backend=URL)
 app.conf.update(
     task_serializer="json",
     result_serializer="json",
-    accept_content=["json", "pickle"],
+    accept_content=["json"],
     worker_prefetch_multiplier=1,
     broker_connection_retry_on_startup=True,
 )
@@ -96,3 +96,27 @@ def soft_limited(n: int) -> str:
 @single_run(key="rerun:{n}", ttl=10, on_busy="rerun")
 def rerun_task(n: int, seconds: float) -> bool:
     return _log_run(f"rerun:{n}", seconds)
+
+
+if os.environ.get("SINGLE_TASK_TEST_SERIALIZER") == "pickle":
+    app.conf.update(result_serializer="pickle", task_serializer="pickle", accept_content=["pickle", "json"],
+                    result_accept_content=["pickle", "json"])
+
+
+@app.task(bind=True)
+@single_run(key="rerun-fail:{n}", ttl=10, on_busy="rerun")
+def rerun_fails(self: object, n: int, seconds: float, fail: bool) -> str:
+    _record.rpush(f"rec:rerun-fail:{n}", "fail" if fail else "ok")
+    time.sleep(seconds)
+    if fail:
+        raise RuntimeError("this run fails")
+    return "ok"
+
+
+def _count_retry(sender: object = None, **_: object) -> None:
+    _record.incr(f"rec:retries:{getattr(sender, 'name', sender)}")
+
+
+from celery.signals import task_retry  # noqa: E402
+
+task_retry.connect(_count_retry, weak=False)
