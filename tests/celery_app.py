@@ -59,7 +59,11 @@ def retrying(self: object, n: int, attempts: int) -> int:
     """Retries itself with countdown=0 until it has run ``attempts`` times."""
     runs = _record.incr(f"rec:retrying:{n}")
     if self.request.retries + 1 < attempts:  # type: ignore[attr-defined]
-        raise self.retry(countdown=0, max_retries=attempts)  # type: ignore[attr-defined]
+        # Publish the retry, then take a moment to unwind (as cleanup code in `finally` does):
+        # the retry is picked up by another child while this attempt still holds the key.
+        retry = self.retry(countdown=0, max_retries=attempts, throw=False)  # type: ignore[attr-defined]
+        time.sleep(0.05)
+        raise retry
     return runs
 
 
