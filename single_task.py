@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import datetime
 import functools
 import hashlib
 import inspect
@@ -36,6 +37,7 @@ import string
 import sys
 import threading
 import time
+import uuid
 from typing import TYPE_CHECKING, Any, Callable, Final, Literal, Optional, TypeVar, Union, cast
 
 import redis
@@ -52,7 +54,9 @@ __all__ = [
     "RedisUnavailable",
     "SingleTaskError",
     "current_lease",
+    "is_queued",
     "is_running",
+    "send_once",
     "single_run",
 ]
 __version__ = "0.1.0"
@@ -197,6 +201,8 @@ class single_run:  # noqa: N801 - used like a function: @single_run(...) and wit
     ``$SINGLE_TASK_REDIS_URL``, then the current Celery app's Redis broker, then its Redis result
     backend. ``fail_open=True`` runs the body without a lease (logging a WARNING) when Redis
     cannot be reached; by default the error propagates and the body does not run.
+    ``queued_ttl`` bounds how long a ``send_once`` marker outlives a message that never starts
+    (default: the broker's visibility timeout, 1 hour unless configured, plus any countdown).
     """
 
     def __init__(
@@ -211,6 +217,7 @@ class single_run:  # noqa: N801 - used like a function: @single_run(...) and wit
         fail_open: bool = False,
         on_lost: Optional[Callable[[Lease], None]] = None,
         retry_countdown: float = 2.0,
+        queued_ttl: Optional[float] = None,
     ) -> None:
         self.ttl = _check_seconds("ttl", ttl, minimum=0.01)
         self._ttl_ms = int(self.ttl * 1000)
@@ -227,6 +234,7 @@ class single_run:  # noqa: N801 - used like a function: @single_run(...) and wit
             timeout = _check_seconds("timeout", timeout, minimum=0.0)
         self.timeout = timeout
         self.retry_countdown = _check_seconds("retry_countdown", retry_countdown, minimum=0.0)
+        self.queued_ttl = None if queued_ttl is None else _check_seconds("queued_ttl", queued_ttl, minimum=0.01)
         self.prefix = _check_prefix(os.environ.get(ENV_PREFIX, DEFAULT_PREFIX) if prefix is None else prefix)
         self.client = _check_client(client)
         self.fail_open = bool(fail_open)
@@ -316,12 +324,60 @@ def is_running(task_or_function: Any, *args: Any, **kwargs: Any) -> bool:
         raise RedisUnavailable(f"could not ask Redis whether {key!r} is running: {exc}", key) from exc
 
 
+def send_once(task: Any, args: Any = None, kwargs: Optional[dict[str, Any]] = None, **options: Any) -> Any:
+    """``task.apply_async(args, kwargs, **options)``, unless a message for the same key is already
+    waiting in the queue: then return that message's ``AsyncResult`` and send nothing.
+
+    The key is the one ``@single_run`` derives from the same arguments. The "queued" marker is
+    taken before publishing and given up when the run starts, so at most one message per key
+    waits while another runs; if publishing fails the marker is removed and the error propagates.
+    """
+    if not hasattr(task, "apply_async"):
+        raise ConfigurationError(f"send_once needs the Celery task, not {task!r}")
+    spec, renderer, bound_task = _spec_of(task)
+    call_args = tuple(args or ())
+    call_kwargs = dict(kwargs or {})
+    key = renderer.render((bound_task, *call_args) if bound_task is not None else call_args, call_kwargs)
+    client = _client_of(spec)
+    keys = _keys(_lease_key(spec.prefix, key))
+    task_id = options.pop("task_id", None) or str(uuid.uuid4())
+    ttl = _queued_ttl(spec, task, options)
+    try:
+        waiting = _script(client, keys, "q", task_id, int(ttl * 1000))
+    except redis.RedisError as exc:
+        raise RedisUnavailable(f"could not check the queue for {key!r}, so nothing was sent: {exc}", key) from exc
+    if waiting is not None:
+        waiting_id = waiting.decode() if isinstance(waiting, bytes) else str(waiting)
+        log_acquire.debug("Queued already %r: returning task %s", key, waiting_id)
+        return task.AsyncResult(waiting_id)
+    try:
+        return task.apply_async(call_args, call_kwargs, task_id=task_id, **options)
+    except BaseException:
+        # Nothing was queued, so no marker may say so.
+        with contextlib.suppress(redis.RedisError):
+            _script(client, keys, "u", task_id)
+        raise
+
+
+def is_queued(task: Any, *args: Any, **kwargs: Any) -> bool:
+    """True when a ``send_once`` message for these arguments is waiting to start."""
+    spec, renderer, bound_task = _spec_of(task)
+    if bound_task is not None:
+        args = (bound_task, *args)
+    key = renderer.render(args, kwargs)
+    try:
+        return bool(_client_of(spec).exists(_lease_key(spec.prefix, key) + ":queued"))
+    except redis.RedisError as exc:
+        raise RedisUnavailable(f"could not ask Redis whether {key!r} is queued: {exc}", key) from exc
+
+
 # ------------------------------------------------------------------------------------------------
 # The lease core
 # ------------------------------------------------------------------------------------------------
 
 # Every operation on a key is this one script, so each step of the protocol is atomic on the node
-# that owns the key's hash slot. KEYS: lease hash, fence counter, wait queue, waiter details.
+# that owns the key's hash slot. KEYS: lease hash, fence counter, wait queue, waiter details, and
+# the queued marker of send_once (the id of the task message waiting in the broker).
 # ARGV[1] is the operation:
 #   a  acquire: take the key if free; if busy, return its PTTL and (by ARGV[6]) ask the holder
 #      for a rerun or join the wait queue. A holder with the caller's Celery task id is the
@@ -329,11 +385,19 @@ def is_running(task_or_function: Any, *args: Any, **kwargs: Any) -> bool:
 #   n  renew: replace the TTL, only if the caller still owns the key.
 #   r  release, only by the owner: run again if a rerun is owed and ARGV[4] is 'e'; otherwise
 #      delete, then hand the key straight to the first live waiter ('c' cancels a wait first).
+#   q  mark a message as queued unless one already is (returns the queued task id, or nil).
+#   u  unmark a message that could not be published (only if the marker is still its own).
+# A run gives up its own queued marker when it starts, or when it finds the key busy and will not
+# wait (its request is then served by the holder), in the same round trip as its acquire.
 # A fence is the server clock in microseconds, never below the last fence issued for the key, so
 # it keeps growing across expiry of the counter key and across restarts.
 _SCRIPT: Final = r"""
-local lease, fkey, queue, winfo = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local lease, fkey, queue, winfo, queued = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local op, token = ARGV[1], ARGV[2]
+
+local function unqueue(tid)
+  if tid ~= '' and redis.call('GET', queued) == tid then redis.call('DEL', queued) end
+end
 
 local function now_us()
   local t = redis.call('TIME')
@@ -352,6 +416,18 @@ local function take(who, ttl, tid, holder, now)
   return f
 end
 
+if op == 'q' then
+  local cur = redis.call('GET', queued)
+  if cur then return cur end
+  redis.call('SET', queued, token, 'PX', ARGV[3])
+  return false
+end
+
+if op == 'u' then
+  unqueue(token)
+  return 1
+end
+
 if op == 'n' then
   if redis.call('HGET', lease, 't') == token then
     redis.call('PEXPIRE', lease, ARGV[3])
@@ -365,6 +441,7 @@ if op == 'a' then
   local cur = redis.call('HMGET', lease, 't', 'i', 'f')
   if not cur[1] then
     local f = take(token, ttl, tid, holder, now_us())
+    unqueue(tid)
     if busy == 'w' then
       redis.call('LREM', queue, 0, token)
       redis.call('HDEL', winfo, token)
@@ -380,6 +457,7 @@ if op == 'a' then
     own = 1
     busy = 'w'
   end
+  if busy ~= 'w' then unqueue(tid) end
   if busy == 'r' then
     redis.call('HSET', lease, 'r', '1')
   elseif busy == 'w' then
@@ -398,6 +476,7 @@ end
 
 local mode = ARGV[4]
 if mode == 'c' then
+  unqueue(ARGV[5])
   redis.call('LREM', queue, 0, token)
   redis.call('HDEL', winfo, token)
   redis.call('DEL', lease .. ':h:' .. token)
@@ -421,6 +500,7 @@ while true do
     local alive, ttl, tid, holder = string.match(info, '^(%d+)|(%d+)|([^|]*)|(.*)$')
     if alive and tonumber(alive) * 1000 >= now then
       local f = take(w, ttl, tid, holder, now)
+      unqueue(tid)
       local hk = lease .. ':h:' .. w
       redis.call('RPUSH', hk, f)
       redis.call('PEXPIRE', hk, ttl)
@@ -449,6 +529,9 @@ _HOST: Final = socket.gethostname()
 _lost_lock = threading.Lock()
 
 
+_Keys = tuple[str, str, str, str, str]
+
+
 def _lease_key(prefix: str, key: str) -> str:
     # The braces make the whole user key the Redis Cluster hash tag, and every companion key
     # only appends a suffix after the closing brace, so all of a key's keys share one slot even
@@ -456,16 +539,16 @@ def _lease_key(prefix: str, key: str) -> str:
     return f"{prefix}{{{key}}}"
 
 
-def _keys(redis_key: str) -> tuple[str, str, str, str]:
-    return redis_key, redis_key + ":fence", redis_key + ":q", redis_key + ":w"
+def _keys(redis_key: str) -> _Keys:
+    return redis_key, redis_key + ":fence", redis_key + ":q", redis_key + ":w", redis_key + ":queued"
 
 
-def _script(client: Any, keys: tuple[str, str, str, str], *args: Any) -> Any:
+def _script(client: Any, keys: _Keys, *args: Any) -> Any:
     """Run the script by SHA; after a Redis restart emptied the cache, send it once in full."""
     try:
-        return client.evalsha(_SCRIPT_SHA, 4, *keys, *args)
+        return client.evalsha(_SCRIPT_SHA, 5, *keys, *args)
     except redis.exceptions.NoScriptError:
-        return client.eval(_SCRIPT, 4, *keys, *args)
+        return client.eval(_SCRIPT, 5, *keys, *args)
 
 
 def _acquire(spec: single_run, key: str, policy: str, task: Any) -> Optional[Lease]:
@@ -543,7 +626,7 @@ def _wait(
     spec: single_run,
     key: str,
     client: Any,
-    keys: tuple[str, str, str, str],
+    keys: _Keys,
     token: str,
     task_id: str,
     holder: dict[str, Any],
@@ -566,7 +649,7 @@ def _wait(
         now = time.monotonic()
         if now >= end:
             try:
-                _script(client, keys, "r", token, spec._ttl_ms, "c")
+                _script(client, keys, "r", token, spec._ttl_ms, "c", task_id)
             except redis.RedisError as exc:
                 log_acquire.warning("Could not leave the wait queue of %r: %s", key, exc)
             return None
@@ -581,7 +664,7 @@ def _wait(
             sent_poll = time.monotonic()
             reply = _script(client, keys, "a", token, spec._ttl_ms, task_id, holder_json, "w", _alive_ms(spec.ttl))
         except redis.RedisError as exc:
-            _script_quietly(client, keys, token, spec._ttl_ms)
+            _script_quietly(client, keys, token, spec._ttl_ms, task_id)
             raise RedisUnavailable(f"lost touch with Redis while waiting for {key!r}: {exc}", key) from exc
         if reply[0] == 1:
             fence = int(reply[1])
@@ -594,10 +677,10 @@ def _wait(
     return lease
 
 
-def _script_quietly(client: Any, keys: tuple[str, str, str, str], token: str, ttl_ms: int) -> None:
+def _script_quietly(client: Any, keys: _Keys, token: str, ttl_ms: int, task_id: str) -> None:
     # Redis is what failed; if this does not get through either, our queue entry expires by itself.
     with contextlib.suppress(redis.RedisError):
-        _script(client, keys, "r", token, ttl_ms, "c")
+        _script(client, keys, "r", token, ttl_ms, "c", task_id)
 
 
 def _socket_budget(client: Any) -> float:
@@ -728,7 +811,7 @@ class _Watchdog:
         try:
             pipe = client.pipeline(transaction=False)
             for lease in group:
-                pipe.evalsha(_SCRIPT_SHA, 4, *_keys(lease.redis_key), "n", lease._token, int(lease._ttl * 1000))
+                pipe.evalsha(_SCRIPT_SHA, 5, *_keys(lease.redis_key), "n", lease._token, int(lease._ttl * 1000))
             replies = pipe.execute(raise_on_error=False)
             if any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
                 replies = [_script(client, _keys(le.redis_key), "n", le._token, int(le._ttl * 1000)) for le in group]
@@ -1109,6 +1192,24 @@ def _pass_on_rerun(
         lease.key,
         type(exc).__name__,
     )
+
+
+def _queued_ttl(spec: single_run, task: Any, options: dict[str, Any]) -> float:
+    """How long a queued marker may outlive a message that never starts.
+
+    A message not started within the broker's visibility timeout is redelivered (Redis and SQS
+    brokers), so the marker lasts that long; a countdown or eta adds its delay.
+    """
+    ttl = spec.queued_ttl
+    if ttl is None:
+        transport = task.app.conf.broker_transport_options or {}
+        ttl = float(transport.get("visibility_timeout", 3600))
+    delay = options.get("countdown") or 0.0
+    eta = options.get("eta")
+    if eta is not None:
+        now = datetime.datetime.now(eta.tzinfo) if eta.tzinfo else datetime.datetime.now()
+        delay = max(delay, (eta - now).total_seconds())
+    return float(ttl) + max(0.0, float(delay))
 
 
 def _spec_of(obj: Any) -> tuple[single_run, _KeyRenderer, Any]:

@@ -124,3 +124,29 @@ def _count_retry(sender: object = None, **_: object) -> None:
 from celery.signals import task_retry  # noqa: E402
 
 task_retry.connect(_count_retry, weak=False)
+
+
+@app.task
+@single_run(key="produce:{n}", ttl=10, on_busy="wait")
+def produce(n: int, seconds: float) -> float:
+    """A slow task for send_once: records when each run started."""
+    start = time.time()
+    _record.rpush(f"rec:produce:{n}", repr(start))
+    time.sleep(seconds)
+    return start
+
+
+@app.task
+@single_run(key="produce-short:{n}", ttl=10, on_busy="wait", queued_ttl=1.5)
+def produce_short(n: int) -> str:
+    return "ran"
+
+
+def _mark_started(task_id: str = "", **_: object) -> None:
+    # Fires before the task body (and so before the lease and the queued marker are touched).
+    _record.sadd("rec:started", task_id)
+
+
+from celery.signals import task_prerun  # noqa: E402
+
+task_prerun.connect(_mark_started, weak=False)
