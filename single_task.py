@@ -203,6 +203,8 @@ class single_run:  # noqa: N801 - used like a function: @single_run(...) and wit
     cannot be reached; by default the error propagates and the body does not run.
     ``queued_ttl`` bounds how long a ``send_once`` marker outlives a message that never starts
     (default: the broker's visibility timeout, 1 hour unless configured, plus any countdown).
+    ``replicas=N`` makes each acquisition wait (Redis ``WAIT``, at most ``replica_timeout``
+    seconds) until N replicas have it, so a failover right after cannot lose it.
     """
 
     def __init__(
@@ -218,6 +220,8 @@ class single_run:  # noqa: N801 - used like a function: @single_run(...) and wit
         on_lost: Optional[Callable[[Lease], None]] = None,
         retry_countdown: float = 2.0,
         queued_ttl: Optional[float] = None,
+        replicas: int = 0,
+        replica_timeout: float = 1.0,
     ) -> None:
         self.ttl = _check_seconds("ttl", ttl, minimum=0.01)
         self._ttl_ms = int(self.ttl * 1000)
@@ -235,6 +239,10 @@ class single_run:  # noqa: N801 - used like a function: @single_run(...) and wit
         self.timeout = timeout
         self.retry_countdown = _check_seconds("retry_countdown", retry_countdown, minimum=0.0)
         self.queued_ttl = None if queued_ttl is None else _check_seconds("queued_ttl", queued_ttl, minimum=0.01)
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
+            raise ConfigurationError(f"replicas={replicas!r} must be a whole number of replicas >= 0")
+        self.replicas = replicas
+        self.replica_timeout = _check_seconds("replica_timeout", replica_timeout, minimum=0.001)
         self.prefix = _check_prefix(os.environ.get(ENV_PREFIX, DEFAULT_PREFIX) if prefix is None else prefix)
         self.client = _check_client(client)
         self.fail_open = bool(fail_open)
@@ -586,7 +594,10 @@ def _acquire(spec: single_run, key: str, policy: str, task: Any) -> Optional[Lea
     # started later, so this holder never believes in the lease longer than Redis keeps it.
     sent = time.monotonic()
     try:
-        reply = _script(client, keys, "a", token, spec._ttl_ms, task_id, holder_json, busy, alive_ms)
+        if spec.replicas:
+            reply = _replicated(spec, key, client, keys, "a", token, spec._ttl_ms, task_id, holder_json, busy, alive_ms)
+        else:
+            reply = _script(client, keys, "a", token, spec._ttl_ms, task_id, holder_json, busy, alive_ms)
     except redis.RedisError as exc:
         return _redis_failed(spec, key, exc)
     if reply[0] == 1:
@@ -671,10 +682,41 @@ def _wait(
             break
         proof = sent_poll
         pttl_ms = int(reply[1])
+    if spec.replicas:
+        # The hand-off was written by the releaser's connection; WAIT only covers our own writes,
+        # so renew (a write of ours) and wait for that.
+        try:
+            _replicated(spec, key, client, keys, "n", token, spec._ttl_ms)
+        except redis.RedisError as exc:
+            _script_quietly(client, keys, token, spec._ttl_ms, task_id)
+            raise RedisUnavailable(f"could not confirm the lease for {key!r} on replicas: {exc}", key) from exc
     lease = Lease(key, keys[0], token, fence, spec.ttl, client, proof + spec.ttl, holder, spec.on_lost)
     _watchdog.add(lease)
     log_acquire.debug("Acquired %r by hand-off, fence=%s", key, fence)
     return lease
+
+
+def _replicated(spec: single_run, key: str, client: Any, keys: _Keys, op: str, token: str, *args: Any) -> Any:
+    """Run the script and ``WAIT`` for ``spec.replicas`` replicas in the same round trip.
+
+    A lease taken but not acknowledged in time is given back, and the run fails closed.
+    """
+    pipe = client.pipeline(transaction=False)
+    pipe.evalsha(_SCRIPT_SHA, 5, *keys, op, token, *args)
+    pipe.execute_command("WAIT", spec.replicas, int(spec.replica_timeout * 1000))
+    reply, acked = pipe.execute(raise_on_error=False)
+    if isinstance(reply, redis.exceptions.NoScriptError):
+        reply = _script(client, keys, op, token, *args)
+        acked = client.execute_command("WAIT", spec.replicas, int(spec.replica_timeout * 1000))
+    for result in (reply, acked):
+        if isinstance(result, Exception):
+            raise result
+    if int(acked) < spec.replicas and (op == "n" or reply[0] == 1):
+        _script(client, keys, "r", token, spec._ttl_ms, "a")
+        raise redis.exceptions.ConnectionError(
+            f"only {acked} of {spec.replicas} replica(s) acknowledged the lease within {spec.replica_timeout}s"
+        )
+    return reply
 
 
 def _script_quietly(client: Any, keys: _Keys, token: str, ttl_ms: int, task_id: str) -> None:
