@@ -812,7 +812,7 @@ class _Watchdog:
         with self._cond:
             if self._thread is None:
                 self._thread = _start_thread(self._loop, "single_task-watchdog")
-            if lease._renew_at < self._wake_at:
+            if lease._renew_at - lease._ttl / 6.0 < self._wake_at:
                 self._cond.notify()
 
     def discard(self, lease: Lease) -> None:
