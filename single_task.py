@@ -1263,3 +1263,461 @@ def _spec_of(obj: Any) -> tuple[single_run, _KeyRenderer, Any]:
     spec, renderer = found
     bound = obj if inspect.ismethod(run) else None
     return spec, renderer, bound
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+_CLI_HELP: Final = """\
+Look at and manage the leases that @single_run holds in Redis.
+
+A lease is held while a run of a key is in progress; it carries who holds it (host, pid, Celery
+task id), since when, how long it has left unless renewed, and its fence. A "queued" marker says
+that send_once() has a message for the key waiting in the broker.
+
+Redis is found as the library finds it: --url, else $SINGLE_TASK_REDIS_URL, else the Redis
+broker_url or result_backend of the Celery app given with -A (as for `celery -A`).
+"""
+
+_CLI_EPILOG: Final = """\
+exit codes:
+  0  success: listed; KEY is held (show); released (release); KEY is free (wait)
+  1  the negative answer: KEY is not held (show, release); still held at --timeout (wait)
+  2  usage or configuration error, Redis unreachable, or release without --force
+
+examples:
+  python -m single_task --url redis://localhost:6379/0 list
+  python -m single_task -A proj.celery list 'sync:*' --json
+  python -m single_task show sync:42
+  python -m single_task release sync:42 --force
+  python -m single_task wait nightly-report --timeout 600 && ./publish.sh
+"""
+
+_EXIT_OK: Final = 0
+_EXIT_NO: Final = 1
+_EXIT_ERROR: Final = 2
+
+# Reads a lease and deletes it in one step, so what release prints is exactly what it removed.
+_TAKE_SCRIPT: Final = "local h = redis.call('HGETALL', KEYS[1]) redis.call('DEL', KEYS[1]) return h"
+
+
+class _CliError(Exception):
+    """A one-line error for the operator; main() prints it and exits with status 2."""
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m single_task``: list, show, release or wait for leases. Returns the exit code."""
+    parser = _cli_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return _EXIT_ERROR
+    try:
+        prefix = _check_prefix(args.prefix if args.prefix is not None else os.environ.get(ENV_PREFIX, DEFAULT_PREFIX))
+        client = _cli_client(args)
+        command: Callable[[Any, str, Any], int] = args.run
+        return command(client, prefix, args)
+    except KeyboardInterrupt:
+        return 130
+    except _CliError as exc:
+        message = str(exc)
+    except SingleTaskError as exc:
+        message = exc.message
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+        message = f"cannot reach Redis at {getattr(args, 'where', '?')}: {exc}"
+    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+        message = f"Redis at {getattr(args, 'where', '?')} answered with an error: {type(exc).__name__}: {exc}"
+    print(f"single_task: {' '.join(message.split())}", file=sys.stderr)
+    return _EXIT_ERROR
+
+
+def _cli_parser() -> Any:
+    import argparse
+
+    def options(parser: Any, default: Any) -> None:
+        # On the main parser and on every command, so that options may come before or after it;
+        # the commands' defaults are SUPPRESS so they never overwrite what came first.
+        parser.add_argument("--url", default=default, metavar="URL",
+                            help="the Redis to use: redis://[:password@]host:port/db, rediss:// or unix://")
+        parser.add_argument("-A", "--app", default=default, metavar="APP",
+                            help="a Celery app, as for `celery -A`, whose Redis broker or backend to use")
+        parser.add_argument("--cluster", action="store_true", default=default if default is not None else False,
+                            help="the URL names a node of a Redis Cluster: use redis-py's RedisCluster")
+        parser.add_argument("--prefix", default=default, metavar="PREFIX",
+                            help=f"the key prefix of single_run(prefix=...) (default: ${ENV_PREFIX} or "
+                                 f"{DEFAULT_PREFIX!r})")
+
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="python -m single_task", description=_CLI_HELP, epilog=_CLI_EPILOG,
+                                     formatter_class=formatter)
+    options(parser, None)
+    parser.set_defaults(command=None)
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    def command(name: str, run: Callable[[Any, str, Any], int], summary: str, details: str) -> Any:
+        sub = commands.add_parser(name, help=summary, description=f"{summary}\n\n{details}",
+                                  epilog=_CLI_EPILOG, formatter_class=formatter)
+        options(sub, argparse.SUPPRESS)
+        sub.set_defaults(command=name, run=run)
+        return sub
+
+    sub = command("list", _cli_list, "List every held lease and queued marker.",
+                  "Walks the keyspace with SCAN (never KEYS), so it is safe on a busy Redis. PATTERN is\n"
+                  "matched against the keys as you passed them to single_run, with * ? [abc] [^abc].")
+    sub.add_argument("pattern", nargs="?", default="*", metavar="PATTERN", help="only keys matching this (default *)")
+    sub.add_argument("--json", action="store_true", help="print one JSON array, for scripts")
+    sub.add_argument("--count", type=int, default=1000, metavar="N", help="SCAN COUNT per round trip (default 1000)")
+
+    sub = command("show", _cli_show, "Show who holds KEY, and its queued marker and waiters.",
+                  "Exits 0 if KEY is held, 1 if it is not.")
+    sub.add_argument("key", metavar="KEY", help="the key as passed to single_run (what `list` prints)")
+    sub.add_argument("--json", action="store_true", help="print one JSON object, for scripts")
+
+    sub = command("release", _cli_release, "Delete the lease of KEY (needs --force); print what was removed.",
+                  "The holder is not stopped: its next renewal finds the lease gone and reports it lost\n"
+                  "(lease.lost, on_lost). A rerun it owed is dropped; waiters take the key within seconds.\n"
+                  "Without --force it only shows the holder and exits 2.")
+    sub.add_argument("key", metavar="KEY", help="the key as passed to single_run (what `list` prints)")
+    sub.add_argument("--force", action="store_true", help="really delete the lease")
+
+    sub = command("wait", _cli_wait, "Block until nobody holds KEY (exit 0), for shell scripts.",
+                  "Polls the lease every --interval seconds. A key handed straight from one run to a\n"
+                  "waiting one never counts as free. Exits 1 if KEY is still held after --timeout.")
+    sub.add_argument("key", metavar="KEY", help="the key as passed to single_run (what `list` prints)")
+    sub.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="give up after this long")
+    sub.add_argument("--interval", type=float, default=0.2, metavar="SECONDS", help="poll period (default 0.2)")
+    return parser
+
+
+def _cli_client(args: Any) -> Any:
+    if args.app:
+        try:
+            from celery.app.utils import find_app
+        except ImportError as exc:
+            raise _CliError("-A needs Celery installed") from exc
+        try:
+            find_app(args.app).set_current()
+        except Exception as exc:
+            raise _CliError(f"could not load the Celery app {args.app!r}: {type(exc).__name__}: {exc}") from exc
+    if args.url:
+        url = args.url
+    else:
+        try:
+            url = _default_url()
+        except ConfigurationError as exc:
+            tried = exc.message.rpartition("set one of: ")[2]
+            raise _CliError(f"no Redis to look at: pass --url or -A APP, or set ${ENV_URL} (tried: {tried})") from exc
+    args.where = _redact(url)
+    if not url.startswith(_URL_SCHEMES):
+        raise _CliError(f"{args.where!r} is not a Redis URL; use redis://, rediss:// or unix://")
+    if args.cluster:
+        if url.startswith("unix://"):
+            raise _CliError("--cluster needs a redis:// or rediss:// URL of one cluster node")
+        try:
+            client = redis.RedisCluster.from_url(url, socket_connect_timeout=5.0, socket_timeout=10.0)
+        except redis.exceptions.RedisClusterException as exc:  # it connects to discover the nodes
+            raise _CliError(f"cannot reach the Redis Cluster at {args.where}: {exc}") from exc
+    else:
+        client = _client_for_url(url)
+        client.ping()  # one clear error now, rather than one in the middle of the output
+    return client
+
+
+def _cli_list(client: Any, prefix: str, args: Any) -> int:
+    import re
+
+    if args.count < 1:
+        raise _CliError("--count must be at least 1")
+    wanted = re.compile(_glob_to_regex(args.pattern), re.DOTALL)
+    started = time.monotonic()
+    found: list[tuple[str, str, bytes]] = []
+    for name in client.scan_iter(match=_glob_escape(prefix) + "*", count=args.count):
+        parsed = _parse_redis_key(prefix, name)
+        if parsed is not None and wanted.match(parsed[1]):
+            found.append((*parsed, name))
+    rows = _describe(client, prefix, [(kind, key) for kind, key, _ in found])
+    rows.sort(key=lambda row: (row["key"], row["kind"]))
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False))
+        return _EXIT_OK
+    took = time.monotonic() - started
+    if not rows:
+        print(f"no leases or queued markers under prefix {prefix!r} match {args.pattern!r} ({took:.2f}s)")
+        return _EXIT_OK
+    table = [("KEY", "KIND", "HOLDER", "TASK ID", "HELD SINCE (UTC)", "LEFT", "FENCE", "NOTE")]
+    for row in rows:
+        if row["kind"] == "lease":
+            where = f"{row['host']}:{row['pid']}" if row["host"] else "?"
+            table.append((_printable(row["key"]), "lease", where, row["task_id"] or "-",
+                          _utc(row["held_since_ms"]), _seconds(row["time_left_s"]), str(row["fence"]), _note(row)))
+        else:
+            table.append((_printable(row["key"]), "queued", "-", row["task_id"] or _printable(row["value"]), "-",
+                          _seconds(row["time_left_s"]), "-", ""))
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+    leases = sum(1 for row in rows if row["kind"] == "lease")
+    print(f"{leases} lease(s), {len(rows) - leases} queued marker(s) under {prefix!r} ({took:.2f}s)")
+    return _EXIT_OK
+
+
+def _cli_show(client: Any, prefix: str, args: Any) -> int:
+    row = _describe(client, prefix, [("lease", args.key)])
+    queued = _describe(client, prefix, [("queued", args.key)])
+    lease = row[0] if row else None
+    last_fence = client.get(_lease_key(prefix, args.key) + ":fence")
+    if args.json:
+        print(json.dumps({"key": args.key, "lease": lease, "queued": queued[0] if queued else None,
+                          "last_fence": int(last_fence) if last_fence else None}, ensure_ascii=False))
+    else:
+        print(f"key:        {_printable(args.key)}")
+        print(f"redis key:  {_printable(_lease_key(prefix, args.key))}")
+        if lease is None:
+            print("lease:      free")
+        else:
+            print(f"lease:      held by {lease['host']} pid {lease['pid']}"
+                  + (f", Celery task {lease['task_id']}" if lease["task_id"] else ""))
+            print(f"held since: {_utc(lease['held_since_ms'])} UTC ({_seconds(lease['held_for_s'])} ago)")
+            print(f"time left:  {_seconds(lease['time_left_s'])} unless renewed")
+            print(f"fence:      {lease['fence']}")
+            print(f"rerun owed: {'yes' if lease['rerun_owed'] else 'no'}")
+            print(f"waiting:    {lease['waiters']} run(s) queued for a hand-off")
+        if queued:
+            print(f"queued:     {_printable(queued[0]['value'])} ({_seconds(queued[0]['time_left_s'])} left)")
+        else:
+            print("queued:     none")
+        print(f"last fence: {int(last_fence) if last_fence else '-'}")
+    return _EXIT_OK if lease is not None else _EXIT_NO
+
+
+def _cli_release(client: Any, prefix: str, args: Any) -> int:
+    rows = _describe(client, prefix, [("lease", args.key)])
+    if not rows:
+        print(f"{_printable(args.key)} is not held: nothing to release")
+        return _EXIT_NO
+    if not args.force:
+        print(f"{_printable(args.key)} is held by {_holder_text(rows[0])}")
+        print("single_task: not released: the holder may still be running; pass --force to delete the lease",
+              file=sys.stderr)
+        return _EXIT_ERROR
+    redis_key = _lease_key(prefix, args.key)
+    removed = _fields(client.eval(_TAKE_SCRIPT, 1, redis_key))
+    if not removed:
+        print(f"{_printable(args.key)} was freed meanwhile: nothing to release")
+        return _EXIT_NO
+    row = _lease_row(args.key, removed, -2, 0, None)
+    print(f"released {_printable(args.key)}: removed the lease held by {_holder_text(row)}")
+    return _EXIT_OK
+
+
+def _cli_wait(client: Any, prefix: str, args: Any) -> int:
+    if args.interval <= 0 or (args.timeout is not None and args.timeout < 0):
+        raise _CliError("--interval must be > 0 and --timeout >= 0")
+    redis_key = _lease_key(prefix, args.key)
+    started = time.monotonic()
+    while client.exists(redis_key):
+        waited = time.monotonic() - started
+        if args.timeout is not None and waited >= args.timeout:
+            print(f"single_task: {_printable(args.key)} is still held after {args.timeout:g}s", file=sys.stderr)
+            return _EXIT_NO
+        pause = args.interval if args.timeout is None else min(args.interval, args.timeout - waited)
+        time.sleep(max(0.0, pause))
+    print(f"{_printable(args.key)} is free (waited {time.monotonic() - started:.1f}s)")
+    return _EXIT_OK
+
+
+def _parse_redis_key(prefix: str, raw: Any) -> Optional[tuple[str, str]]:
+    """(kind, key) of a lease or queued-marker name, or None for any other key.
+
+    A name counts only if the library would build exactly it from the recovered key, which
+    tells a lease ``P{K}`` from the companion keys ``P{K}:fence``, ``:q``, ``:w``, ``:h:*``.
+    """
+    try:
+        name = raw.decode() if isinstance(raw, bytes) else str(raw)
+    except UnicodeDecodeError:
+        return None  # the library writes UTF-8 names only
+    for kind, suffix in (("queued", ":queued"), ("lease", "")):
+        if not name.endswith(suffix):
+            continue
+        rest = name[len(prefix) : len(name) - len(suffix)]
+        candidates = [rest[1:-1]]
+        if rest.startswith("}{"):  # a key tagged by a digest rather than by itself
+            candidates.append(rest[rest.find("}", 2) + 1 :])
+        for key in candidates:
+            if key and _lease_key(prefix, key) + suffix == name:
+                return kind, key
+    return None
+
+
+def _describe(client: Any, prefix: str, items: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """The details of leases and queued markers, fetched in pipelines of a few hundred keys."""
+    now_ms = _server_ms(client)
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(items), 300):
+        batch = items[start : start + 300]
+        pipe = client.pipeline(transaction=False)
+        for kind, key in batch:
+            redis_key = _lease_key(prefix, key)
+            if kind == "lease":
+                pipe.hgetall(redis_key)
+                pipe.pttl(redis_key)
+                pipe.llen(redis_key + ":q")
+            else:
+                pipe.get(redis_key + ":queued")
+                pipe.pttl(redis_key + ":queued")
+                pipe.exists(redis_key)
+        replies = pipe.execute(raise_on_error=False)
+        for n, (kind, key) in enumerate(batch):
+            first, pttl, extra = replies[3 * n : 3 * n + 3]
+            if isinstance(first, Exception) or not first:
+                continue  # gone since the scan, or not what the library writes (WRONGTYPE)
+            if kind == "lease":
+                rows.append(_lease_row(key, _fields(first), pttl, extra, now_ms))
+            else:
+                rows.append(_queued_row(key, first, pttl))
+    return rows
+
+
+def _fields(reply: Any) -> dict[str, str]:
+    """A hash as str -> str, from HGETALL (a dict) or from a script (a flat list)."""
+    if isinstance(reply, dict):
+        return {_text(k): _text(v) for k, v in reply.items()}
+    return {_text(k): _text(v) for k, v in zip(reply[0::2], reply[1::2])} if reply else {}
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _lease_row(key: str, fields: dict[str, str], pttl: Any, waiters: Any, now_ms: Optional[int]) -> dict[str, Any]:
+    try:
+        holder = json.loads(fields.get("h") or "{}")
+    except ValueError:
+        holder = {}
+    if not isinstance(holder, dict):
+        holder = {}
+    since = int(fields["s"]) if fields.get("s", "").isdigit() else None
+    pttl = int(pttl) if isinstance(pttl, int) else -2
+    return {
+        "key": key,
+        "kind": "lease",
+        "host": holder.get("host"),
+        "pid": holder.get("pid"),
+        "task_id": fields.get("i") or holder.get("task_id") or None,
+        "held_since": None if since is None else _iso(since),
+        "held_since_ms": since,
+        "held_for_s": None if since is None or now_ms is None else max(0.0, (now_ms - since) / 1000.0),
+        "time_left_s": pttl / 1000.0 if pttl >= 0 else None,
+        "fence": int(fields["f"]) if fields.get("f", "").isdigit() else None,
+        "rerun_owed": "r" in fields,
+        "waiters": int(waiters) if isinstance(waiters, int) else 0,
+    }
+
+
+def _queued_row(key: str, value: Any, pttl: Any) -> dict[str, Any]:
+    text = _text(value)
+    task_id: Any = text
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict):
+        task_id = parsed.get("task_id") or parsed.get("id")
+    elif parsed is not None:
+        task_id = None
+    pttl = int(pttl) if isinstance(pttl, int) else -2
+    return {"key": key, "kind": "queued", "task_id": task_id, "value": text,
+            "time_left_s": pttl / 1000.0 if pttl >= 0 else None}
+
+
+def _server_ms(client: Any) -> Optional[int]:
+    try:
+        reply = client.time()
+    except (redis.RedisError, redis.exceptions.RedisClusterException):
+        return None
+    if isinstance(reply, dict):  # RedisCluster may answer per node
+        reply = next(iter(reply.values()), None)
+    if not reply:
+        return None
+    seconds, micros = reply
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def _holder_text(row: dict[str, Any]) -> str:
+    text = f"{row['host'] or '?'} pid {row['pid'] or '?'}"
+    if row["task_id"]:
+        text += f" (Celery task {row['task_id']})"
+    if row["held_since_ms"] is not None:
+        text += f" since {_utc(row['held_since_ms'])} UTC"
+    return text + f", fence {row['fence']}"
+
+
+def _note(row: dict[str, Any]) -> str:
+    notes = []
+    if row["rerun_owed"]:
+        notes.append("rerun owed")
+    if row["waiters"]:
+        notes.append(f"{row['waiters']} waiting")
+    return ", ".join(notes)
+
+
+def _iso(ms: int) -> str:
+    return datetime.datetime.fromtimestamp(ms / 1000.0, datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _utc(ms: Optional[int]) -> str:
+    if ms is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(ms / 1000.0, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _seconds(value: Optional[float]) -> str:
+    if value is None:
+        return "-"
+    if value < 60:
+        return f"{value:.1f}s"
+    minutes, seconds = divmod(int(value), 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours < 48 else f"{hours // 24}d{hours % 24:02d}h"
+
+
+def _printable(text: str) -> str:
+    return text if text.isprintable() else repr(text)
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal inside a Redis MATCH pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def _glob_to_regex(pattern: str) -> str:
+    """A Redis-style glob (``* ? [abc] [^a-z] \\x``) as a regular expression for the whole key."""
+    import re
+
+    out: list[str] = []
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            out.append(re.escape(pattern[i + 1]))
+            i += 2
+            continue
+        if c == "[":
+            end = pattern.find("]", i + 2 if pattern[i + 1 : i + 2] == "^" else i + 1)
+            if end > i:
+                body = pattern[i + 1 : end]
+                negate = body.startswith("^")
+                body = "".join(ch if ch == "-" else re.escape(ch) for ch in (body[1:] if negate else body))
+                out.append(f"[{'^' if negate else ''}{body}]")
+                i = end + 1
+                continue
+        out.append(".*" if c == "*" else "." if c == "?" else re.escape(c))
+        i += 1
+    return "".join(out) + r"\Z"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
