@@ -1,0 +1,424 @@
+"""Read the record of a chaos run and judge it: the checks, the counts, the Markdown tables.
+
+Pure functions over plain data, so the rules can be tested on made-up records (tests/test_chaos.py
+feeds them overlaps and dropped reruns and expects them to be caught). chaos/README.md states the
+rules in prose.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+RERUN_POLICIES = ("rerun", "rerun_durable")
+WAITED_AFTER = 0.02
+# single_task keeps a rerun request in the holder's lease, so a holder that loses its lease (an
+# expiry while Redis is paused, a Redis restart) drops it. Until single_task re-requests after a
+# lost lease, the default-acks check allows these and counts them; the durable check does not.
+EXCUSE_LOST_HOLDER = True  # a wait-policy run that started this long after its call had to wait
+
+
+@dataclass
+class Run:
+    """One execution of a decorated body: a start event and, unless killed, an end event."""
+
+    key: str
+    fence: int
+    pid: int
+    call_id: str
+    it: int
+    start: float
+    lease: bool
+    end: Optional[float] = None
+    lost_at_end: Optional[bool] = None
+    killed_at: Optional[float] = None  # set when the run has no end and its process was killed
+    lost_seen: Optional[float] = None  # when the holder learnt (on_lost) that the lease was lost
+
+    @property
+    def stop(self) -> float:
+        """The latest moment the run can have been running (inf if it vanished unexplained)."""
+        if self.end is not None:
+            return self.end
+        return self.killed_at if self.killed_at is not None else float("inf")
+
+    @property
+    def lost(self) -> bool:
+        return bool(self.lost_at_end) or self.lost_seen is not None
+
+
+@dataclass
+class Attempt:
+    """One execution of a task message (a redelivered message makes a second attempt)."""
+
+    call_id: str
+    pid: int
+    policy: str
+    key: str
+    t0: float
+    redelivered: bool
+    t1: Optional[float] = None
+    outcome: Optional[str] = None
+    runs: int = 0
+
+
+@dataclass
+class Record:
+    runs: list[Run] = field(default_factory=list)
+    attempts: list[Attempt] = field(default_factory=list)
+    lost_events: int = 0
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class Verdict:
+    checks: list[Check]
+    counts: list[tuple[str, Any]]
+    recovery: list[tuple[str, int, str, str, str]]
+    problems: list[str]
+    fault_log: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+
+def load(record_dir: str, kills: dict[int, float], origin: float = 0.0) -> Record:
+    """Parse every ``<pid>.jsonl`` file; ``kills`` maps each pid the run SIGKILLed to when.
+
+    Times are shifted by ``origin`` (the start of the flood), so findings read in seconds into it.
+    """
+    events: list[dict[str, Any]] = []
+    for path in sorted(glob.glob(os.path.join(record_dir, "*.jsonl"))):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.endswith("\n"):  # a line cut short by SIGKILL is not an event
+                    ev = json.loads(line)
+                    for name in ("t", "t0"):
+                        if name in ev:
+                            ev[name] -= origin
+                    events.append(ev)
+    return build(events, {pid: t - origin for pid, t in kills.items()})
+
+
+def build(events: list[dict[str, Any]], kills: dict[int, float]) -> Record:
+    rec = Record()
+    runs: dict[tuple[int, str, int], Run] = {}
+    attempts: dict[tuple[int, str], list[Attempt]] = {}
+    lost: dict[tuple[int, int], float] = {}
+    for ev in events:
+        kind = ev["ev"]
+        if kind == "start":
+            runs[(ev["pid"], ev["id"], ev["it"])] = Run(
+                key=ev["key"], fence=int(ev["fence"]), pid=ev["pid"], call_id=ev["id"], it=ev["it"], start=ev["t"],
+                lease=bool(ev["lease"]))
+        elif kind == "end":
+            run = runs[(ev["pid"], ev["id"], ev["it"])]
+            run.end, run.lost_at_end = ev["t"], ev["lost"]
+        elif kind == "call":
+            a = Attempt(call_id=ev["id"], pid=ev["pid"], policy=ev["policy"], key=ev["key"], t0=ev["t"],
+                        redelivered=bool(ev.get("redelivered")))
+            attempts.setdefault((ev["pid"], ev["id"]), []).append(a)
+            rec.attempts.append(a)
+        elif kind == "ret":
+            open_ = [a for a in attempts.get((ev["pid"], ev["id"]), []) if a.t1 is None]
+            if open_:
+                open_[-1].t1, open_[-1].outcome, open_[-1].runs = ev["t"], ev["outcome"], ev["runs"]
+        elif kind == "lost":
+            rec.lost_events += 1
+            k = (ev["pid"], int(ev["fence"]))
+            lost[k] = min(ev["t"], lost.get(k, ev["t"]))
+    for run in runs.values():
+        if run.end is None and run.pid in kills:
+            run.killed_at = kills[run.pid]
+        seen = lost.get((run.pid, run.fence))
+        if seen is not None and (run.killed_at is None or seen <= run.killed_at):
+            run.lost_seen = seen
+        rec.runs.append(run)
+    rec.runs.sort(key=lambda r: r.start)
+    return rec
+
+
+# -- the checks ----------------------------------------------------------------------------------
+
+
+def check_overlap(runs: list[Run]) -> tuple[Check, dict[str, int], list[str]]:
+    """No two runs of one key overlap, unless one of them lost its lease and has the lower fence."""
+    by_key: dict[str, list[Run]] = {}
+    for run in runs:
+        by_key.setdefault(run.key, []).append(run)
+    stats = {"overlaps": 0, "excused": 0, "unaware": 0}
+    problems: list[str] = []
+    for key, rs in by_key.items():
+        rs.sort(key=lambda r: r.start)
+        for i, a in enumerate(rs):
+            for b in rs[i + 1:]:
+                if b.start >= a.stop:
+                    continue  # runs sorted by start: b and every later one may still overlap a
+                stats["overlaps"] += 1
+                both = f"{key}: run fence={a.fence} pid={a.pid} [{a.start:.3f}, {a.stop:.3f}] and fence={b.fence} " \
+                       f"pid={b.pid} [{b.start:.3f}, {b.stop:.3f}]"
+                if not (a.lost or b.lost):
+                    problems.append(f"overlap, neither lease lost: {both}")
+                    continue
+                stale, fresh = (a, b) if a.lost and (not b.lost or a.fence < b.fence) else (b, a)
+                if stale.fence >= fresh.fence:
+                    problems.append(f"overlap where the lost lease has the higher fence: {both}")
+                    continue
+                stats["excused"] += 1
+                if not stale.lost_at_end and stale.end is not None:
+                    stats["unaware"] += 1  # the stale run only learnt at release: fencing is what saves it
+    vanished = [r for r in runs if r.end is None and r.killed_at is None]
+    for r in vanished:
+        problems.append(f"{r.key}: run fence={r.fence} pid={r.pid} started at {r.start:.3f} and never ended, "
+                        "but its process was not killed")
+    ok = not problems
+    detail = (f"{stats['overlaps']} overlapping pair(s), all with a lost lease whose fence is the lower one"
+              if ok else f"{len(problems)} violation(s); first: {problems[0]}")
+    if stats["unaware"]:
+        detail += f" ({stats['unaware']} stale run(s) learnt it only when releasing)"
+    return Check("no overlap", ok, detail), stats, problems
+
+
+def check_leases(runs: list[Run]) -> Check:
+    bad = [r for r in runs if not r.lease or r.fence <= 0]
+    detail = f"{len(runs)} runs, each under a lease with a fence" if not bad else \
+        f"{len(bad)} run(s) without a lease, e.g. {bad[0]}"
+    return Check("no run without a lease (fail closed)", not bad, detail)
+
+
+def check_stuck(faults: list[dict[str, Any]], final_free_s: Optional[float], ttl: float, slack: float) -> Check:
+    limit = ttl + slack
+    problems = []
+    for f in faults:
+        if f.get("dead_free_s") is not None and f["dead_free_s"] > limit:
+            problems.append(f"{f['kind']} at {f['at']:.1f}s: keys of the killed holders freed after "
+                            f"{f['dead_free_s']:.2f}s")
+        if f.get("dead_free_s") is None and f.get("dead_keys"):
+            problems.append(f"{f['kind']} at {f['at']:.1f}s: keys of the killed holders never freed")
+    if final_free_s is None:
+        problems.append("after the last run, some key was still held at the end of the watch")
+    elif final_free_s > limit:
+        problems.append(f"after the last run, all keys were free only after {final_free_s:.2f}s")
+    held = [f["dead_free_s"] for f in faults if f.get("dead_free_s") is not None]
+    detail = (f"a killed holder's key was free after at most {max(held, default=0.0):.2f}s "
+              f"({len(held)} kill(s) that held keys); after the last run every key was free after "
+              f"{final_free_s if final_free_s is not None else float('nan'):.2f}s; limit ttl+{slack:g}s = {limit:g}s")
+    if problems:
+        detail = "; ".join(problems)
+    return Check(f"no stuck key (free within ttl+{slack:g}s)", not problems, detail)
+
+
+def rerun_requests(rec: Record, ttl: float, slack: float, policy: str,
+                   worker_kills: dict[int, float], redelivery_s: float) -> tuple[dict[str, int], list[str]]:
+    """Every coalesced call must be followed, in time, by a run of its key that started after it.
+
+    The request is owed by the holder: the run of the key that had started last when the call
+    returned, or a killed run whose lease may still have been alive when the call was made. "In
+    time" is when that holder stopped plus ``slack`` (its own rerun starts right after it
+    releases), or, for a killed holder, its death plus ``ttl`` (the redelivered message waits for
+    the dead lease to expire) plus ``slack`` plus two seconds for the redelivery, or plus
+    ``redelivery_s`` when its whole worker was killed (the broker's visibility timeout). A later
+    flood call can keep a request too; that counts as kept if it comes in time.
+    """
+    by_key: dict[str, list[Run]] = {}
+    for run in rec.runs:
+        by_key.setdefault(run.key, []).append(run)
+    stats = {"requests": 0, "kept": 0, "kept_by_rerun": 0, "kept_by_redelivery": 0, "tight": 0,
+             "killed_holder": 0, "killed_holder_kept": 0, "lost_holder": 0, "dropped": 0}
+    redelivered = {(a.pid, a.call_id) for a in rec.attempts if a.redelivered}
+    problems: list[str] = []
+    for a in rec.attempts:
+        if a.policy != policy or a.outcome != "coalesced" or a.t1 is None:
+            continue
+        stats["requests"] += 1
+        runs = by_key.get(a.key, [])
+        holders = [r for r in runs if r.start <= a.t1 and r.stop + (ttl if r.end is None else 0.0) >= a.t0]
+        owner = max(holders, key=lambda r: r.start) if holders else None
+        killed = owner is not None and owner.end is None
+        if owner is None:
+            due = a.t1 + ttl + slack  # no holder in the record (it died before writing): its lease expires
+        elif killed:
+            assert owner.killed_at is not None
+            due = owner.killed_at + (redelivery_s if owner.pid in worker_kills else ttl + 2.0) + slack
+        else:
+            due = owner.stop + slack
+        later = [r for r in runs if r.start > a.t0]
+        first = min(later, key=lambda r: r.start) if later else None
+        if first is not None and first.start <= due:
+            stats["kept"] += 1
+            stats["kept_by_rerun"] += first.it > 0
+            stats["kept_by_redelivery"] += (first.pid, first.call_id) in redelivered
+            stats["tight"] += first.start < a.t1
+            stats["killed_holder_kept"] += killed
+            continue
+        if killed:
+            stats["killed_holder"] += 1
+            why = "its holder was killed"
+        elif owner is not None and owner.lost:
+            stats["lost_holder"] += 1
+            why = "its holder lost the lease"
+        else:
+            stats["dropped"] += 1
+            why = "its holder was neither killed nor lost its lease"
+        nxt = f"the next run started {first.start - due:.2f}s after that" if first else "no run followed"
+        problems.append(f"{a.key}: rerun requested at {a.t0:.3f} by pid {a.pid} was not kept by {due:.3f} ({why}; "
+                        f"holder: {_describe(owner)}; {nxt})")
+    return stats, problems
+
+
+def _describe(run: Optional[Run]) -> str:
+    if run is None:
+        return "none recorded"
+    end = f"{run.end:.3f}" if run.end is not None else f"killed at {run.killed_at:.3f}"
+    return f"fence={run.fence} pid={run.pid} it={run.it} [{run.start:.3f}, {end}] lost={run.lost}"
+
+
+def check_rerun(rec: Record, ttl: float, slack: float, policy: str, sent: list[dict[str, Any]], label: str,
+                excuse_killed: bool, worker_kills: dict[int, float],
+                redelivery_s: float) -> tuple[Check, dict[str, int], list[str]]:
+    stats, problems = rerun_requests(rec, ttl, slack, policy, worker_kills, redelivery_s)
+    if excuse_killed:
+        problems = [p for p in problems if "its holder was killed" not in p]
+    unkept = stats["requests"] - stats["kept"]
+    unexcused = unkept - (stats["killed_holder"] if excuse_killed else 0)
+    if excuse_killed and EXCUSE_LOST_HOLDER:
+        unexcused -= stats["lost_holder"]
+    finished = {a.call_id for a in rec.attempts if a.policy == policy and a.outcome is not None}
+    mine = [s for s in sent if s["policy"] == policy]
+    never = [s["id"] for s in mine if s["id"] not in finished]
+    if not excuse_killed and never:
+        problems.append(f"{len(never)} {policy} task(s) never finished a call, e.g. {never[:3]}")
+    ok = stats["requests"] > 0 and unexcused == 0 and (excuse_killed or not never)
+    detail = (f"{stats['requests']} requests, {stats['kept']} kept in time: {stats['kept_by_rerun']} by the "
+              f"holder running again, {stats['kept_by_redelivery']} by a redelivered message, the rest by a later call"
+              f" ({stats['tight']} started while the request was returning)")
+    detail += (f"; owed by a killed holder: {stats['killed_holder_kept'] + stats['killed_holder']}, of which "
+               f"{stats['killed_holder_kept']} kept")
+    if excuse_killed:
+        detail += f" and {stats['killed_holder']} not (allowed here)"
+    else:
+        detail += f"; {len(mine) - len(never)}/{len(mine)} tasks finished a call"
+    if stats["lost_holder"] or excuse_killed:
+        detail += f"; not kept because the holder lost its lease: {stats['lost_holder']}"
+        if excuse_killed and EXCUSE_LOST_HOLDER:
+            detail += " (a known single_task weakness, allowed here: see README)"
+    if stats["dropped"] or (not excuse_killed and stats["killed_holder"]):
+        detail += f"; dropped: {stats['dropped'] + (0 if excuse_killed else stats['killed_holder'])}"
+    if not stats["requests"]:
+        detail += "; no request at all, so nothing was checked"
+    return Check(label, ok, detail), stats, problems
+
+
+# -- the verdict ---------------------------------------------------------------------------------
+
+
+def judge(rec: Record, sent: list[dict[str, Any]], faults: list[dict[str, Any]], final_free_s: Optional[float],
+          ttl: float, slack: float, redelivery_s: float) -> Verdict:
+    problems: list[str] = []
+    overlap, ostats, p = check_overlap(rec.runs)
+    problems += p
+    worker_kills = {pid: f["t1"] for f in faults if f["kind"] == "worker_kill" for pid in f["pids"]}
+    plain, _, p = check_rerun(rec, ttl, slack, "rerun", sent, "rerun keeps its promise (default acks)", True,
+                              worker_kills, redelivery_s)
+    problems += p
+    durable, _, p = check_rerun(rec, ttl, slack, "rerun_durable", sent,
+                                "rerun keeps its promise, killed holders too (acks_late + reject_on_worker_lost)",
+                                False, worker_kills, redelivery_s)
+    problems += p
+    checks = [overlap, check_leases(rec.runs), check_stuck(faults, final_free_s, ttl, slack), plain, durable]
+
+    outcomes: dict[str, int] = {}
+    for a in rec.attempts:
+        outcomes[a.outcome or "killed"] = outcomes.get(a.outcome or "killed", 0) + 1
+    first_start = {}
+    for run in rec.runs:
+        first_start.setdefault((run.pid, run.call_id), run.start)
+    waits = sum(1 for a in rec.attempts if a.policy == "wait" and a.outcome == "ran"
+                and first_start.get((a.pid, a.call_id), a.t0) - a.t0 > WAITED_AFTER)
+    recorded = {a.call_id for a in rec.attempts}
+    lost_leases = len({(r.pid, r.fence) for r in rec.runs if r.lost})
+    kinds: dict[str, int] = {}
+    for f in faults:
+        kinds[f["kind"]] = kinds.get(f["kind"], 0) + 1
+    counts: list[tuple[str, Any]] = [
+        ("tasks sent", f"{len(sent)} (" + ", ".join(
+            f"{p}: {sum(1 for s in sent if s['policy'] == p)}" for p in ("skip", "wait", "rerun", "rerun_durable"))
+         + ")"),
+        ("task executions (redelivered)", f"{len(rec.attempts)} ({sum(a.redelivered for a in rec.attempts)})"),
+        ("tasks that never started (message lost with a killed worker)",
+         len(sent) - len(recorded & {s["id"] for s in sent})),
+        ("runs (of which reruns by the holder)", f"{len(rec.runs)} ({sum(1 for r in rec.runs if r.it > 0)})"),
+        ("runs killed mid-run", sum(1 for r in rec.runs if r.killed_at is not None)),
+        ("skips", outcomes.get("skipped", 0)),
+        ("rerun requests (coalesced calls)", outcomes.get("coalesced", 0)),
+        ("waits that ran after waiting / wait timeouts", f"{waits} / {outcomes.get('wait_timeout', 0)}"),
+        ("calls refused because Redis was unreachable (fail closed)", outcomes.get("unavailable", 0)),
+        ("calls that raised anything else", sum(v for k, v in outcomes.items() if k.startswith("error:"))),
+        ("task executions killed before returning", outcomes.get("killed", 0)),
+        ("lost leases (holders that learnt it / on_lost calls)", f"{lost_leases} / {rec.lost_events}"),
+        ("overlapping pairs, all excused by a lost lease and a lower fence", ostats["overlaps"]),
+        ("whole workers back after a kill (s)", ", ".join(f"{f['restart_s']:.1f}" for f in faults
+                                                          if f.get("restart_s") is not None) or "-"),
+        ("faults injected", f"{len(faults)} (" + ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items())) + ")"),
+    ]
+
+    recovery = []
+    starts = sorted(r.start for r in rec.runs)
+    for kind in sorted(kinds):
+        fs = [f for f in faults if f["kind"] == kind]
+        probe = [f["probe_s"] for f in fs if f.get("probe_s") is not None]
+        dead = [f["dead_free_s"] for f in fs if f.get("dead_free_s") is not None]
+        first_run = []
+        for f in fs:
+            after = [s for s in starts if s >= f["t1"]]
+            if after:
+                first_run.append(after[0] - f["t1"])
+        recovery.append((kind, len(fs), _spread(probe), _spread(first_run), _spread(dead)))
+    log = []
+    for f in faults:
+        what = {"child_kill": lambda: f"SIGKILL pid {f['pids'][0]} ({f.get('target', '')})",
+                "worker_kill": lambda: f"SIGKILL worker group ({len(f['pids'])} processes); new worker ready after "
+                                       f"{f['restart_s']:.1f}s" if f.get("restart_s") else "new worker did not start",
+                "pause": lambda: f"SIGSTOP lock redis for {f['t1'] - f['t0']:.1f}s",
+                "restart": lambda: f"lock redis stopped and started empty in {f['t1'] - f['t0']:.2f}s",
+                "client_kill": lambda: f"CLIENT KILL TYPE normal: {f.get('connections')} connection(s)"}[f["kind"]]()
+        keys = [k.split("{", 1)[1].rstrip("}") for k in f.get("dead_keys") or []]
+        held = f" holding {', '.join(keys)}" if keys else ""
+        log.append(f"| {f['at']:.1f} | {f['kind']} | {what}{held} |")
+    return Verdict(checks, counts, recovery, problems, log)
+
+
+def _spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    return f"{statistics.median(values):.2f} / {max(values):.2f}"
+
+
+def markdown(v: Verdict, command: str, took_s: float, params: str) -> str:
+    out = [f"Command: `{command}` ({params}; took {took_s:.0f} s)", "",
+           f"**Verdict: {'PASS' if v.ok else 'FAIL'}**", "",
+           "| check | verdict | detail |", "| --- | --- | --- |"]
+    out += [f"| {c.name} | {'PASS' if c.ok else 'FAIL'} | {c.detail} |" for c in v.checks]
+    out += ["", "| count | value |", "| --- | --- |"]
+    out += [f"| {name} | {value} |" for name, value in v.counts]
+    out += ["", "Recovery, in seconds (median / max), counted from the end of each fault (the kill, the resume, "
+            "the restarted server answering, the CLIENT KILL):", "",
+            "| fault | injected | a new lease can be taken | first run of any key | killed holders' keys free |",
+            "| --- | --- | --- | --- | --- |"]
+    out += [f"| {k} | {n} | {a} | {b} | {c} |" for k, n, a, b, c in v.recovery]
+    if v.fault_log:
+        out += ["", "Faults, at seconds into the flood:", "", "| at | fault | what |", "| --- | --- | --- |"]
+        out += v.fault_log
+    if v.problems:
+        out += ["", "Findings (first 20):", ""] + [f"- {p}" for p in v.problems[:20]]
+    return "\n".join(out) + "\n"
