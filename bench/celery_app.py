@@ -1,4 +1,5 @@
-"""The Celery app of the end-to-end benchmark: one no-op task undecorated, the same one decorated.
+"""The Celery app of the end-to-end benchmark: one no-op task undecorated, the same one decorated,
+and the same one under the floor lock (SET NX PX + compare-and-delete, inline), for reference.
 
 Broker and lease client come from $SINGLE_TASK_TEST_URL (set by ``support.worker.CeleryWorker``).
 Results are not stored, and the worker's two INFO lines per task are turned off, so that the
@@ -15,6 +16,7 @@ from typing import Any
 import redis
 from celery import Celery, signals
 
+from bench.contenders import COMPARE_AND_DELETE, TTL_MS
 from single_task import single_run
 
 URL = os.environ.get("SINGLE_TASK_TEST_URL", "redis://127.0.0.1:6379/0")
@@ -29,6 +31,8 @@ app.conf.update(
     worker_hijack_root_logger=True,
 )
 _marks = redis.Redis.from_url(URL)
+_floor_client = redis.Redis.from_url(URL)
+_floor_sha = _floor_client.script_load(COMPARE_AND_DELETE)
 
 
 @signals.after_setup_logger.connect
@@ -48,6 +52,18 @@ def plain(n: int) -> None:
 @single_run(key="bench:e2e:{n}", client=URL)
 def locked(n: int) -> None:
     return None
+
+
+@app.task(name="bench.floor")
+def floor(n: int) -> None:
+    """The cheapest correct lock around the same body: what any lock must at least add."""
+    key, token = f"bench:e2e-floor:{n}", os.urandom(16)
+    if not _floor_client.set(key, token, nx=True, px=TTL_MS):
+        return None
+    try:
+        return None
+    finally:
+        _floor_client.evalsha(_floor_sha, 1, key, token)
 
 
 @app.task(name="bench.mark")

@@ -3,7 +3,9 @@
 Each run fills a fresh queue *before* its worker starts: a start mark, N tasks, a done mark. The
 rate is N over the time between the two marks, so the worker's start-up is not counted and the
 publisher does not compete with the worker for the two cores. Runs alternate variants round by
-round (and which goes first), each with a worker of its own.
+round (rotating which goes first), each with a worker of its own. Besides undecorated and
+decorated, a third variant takes the floor lock inline (SET NX PX, then EVALSHA compare-and-delete),
+to show what the cheapest correct lock costs end to end on the same machine.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import redis
 
 from support.worker import CeleryWorker
 
-VARIANTS = ("plain", "locked")
+VARIANTS = ("plain", "floor", "locked")  # undecorated, floor lock inline, @single_run
 
 
 @dataclass
@@ -34,9 +36,8 @@ class PoolResult:
         mid = len(values) // 2
         return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
-    @property
-    def ratio(self) -> float:
-        return self.median("locked") / self.median("plain")
+    def ratio(self, variant: str = "locked") -> float:
+        return self.median(variant) / self.median("plain")
 
 
 def _app(url: str) -> Any:
@@ -54,7 +55,7 @@ def _one_run(url: str, pool: str, concurrency: int, variant: str, tasks: int, ta
     queue = f"bench-e2e-{tag}"
     marks = [mod.MARK_PREFIX + f"{tag}:start", mod.MARK_PREFIX + f"{tag}:done"]
     client.delete(*marks)
-    task = mod.plain if variant == "plain" else mod.locked
+    task = {"plain": mod.plain, "floor": mod.floor, "locked": mod.locked}[variant]
     with mod.app.producer_or_acquire() as producer:
         mod.mark.apply_async((f"{tag}:start",), queue=queue, producer=producer)
         for n in range(tasks):
@@ -90,7 +91,7 @@ def run_e2e(
         for res in results:
             if res.error:
                 continue
-            order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
+            order = VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]
             for variant in order:
                 try:
                     tag = f"{res.pool}-{variant}-{r}"
