@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import redis
@@ -20,6 +21,27 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
 )
 _record = redis.Redis.from_url(URL)
+
+
+def use_server(url: str) -> None:
+    """Point the producer side of ``app`` (and the run record) at ``url``.
+
+    Celery caches the result backend and the producer pool it built for the previous broker; a
+    module that starts its own server must drop them, or its results are read from a server that
+    an earlier module already stopped.
+    """
+    global _record
+    app.conf.update(broker_url=url, result_backend=url)
+    app._local = threading.local()
+    if hasattr(app, "_backend_cache"):  # Celery >= 5.5 caches thread-safe backends here
+        app._backend_cache = None
+    app._after_fork()  # drops the producer pool, as Celery itself does in a forked child
+    app.set_current()
+    _record = redis.Redis.from_url(url)
+    for task in app.tasks.values():  # leases follow the broker: resolve their client again
+        found = getattr(task.run, "__single_run__", None)
+        if found is not None:
+            found[0]._resolved_client = None
 
 
 def _log_run(key: str, seconds: float) -> bool:

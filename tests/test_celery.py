@@ -26,9 +26,7 @@ def server() -> Iterator[RedisServer]:
 @pytest.fixture(scope="module")
 def app(server: RedisServer) -> Celery:
     """The test app, pointed at this module's server from the producer side."""
-    celery_app.app.conf.update(broker_url=server.url, result_backend=server.url)
-    celery_app.app.set_current()
-    celery_app._record = redis.Redis.from_url(server.url)
+    celery_app.use_server(server.url)
     return celery_app.app
 
 

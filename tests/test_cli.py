@@ -176,12 +176,20 @@ def test_wait_exits_0_when_the_key_is_freed_and_1_on_timeout(capsys: Any, redis_
         started = time.monotonic()
         code, _, err = cli(capsys, "--url", redis_url, "wait", "busy", "--timeout", "0.3")
         assert code == 1 and "still held after 0.3s" in err and 0.25 < time.monotonic() - started < 2
-        spec = single_run(key="busy2", client=redis_url)
-        spec.__enter__()
-    threading.Timer(0.5, spec.__exit__, (None, None, None)).start()
+    holding = threading.Event()
+
+    def hold_for_half_a_second() -> None:
+        with single_run(key="busy2", client=redis_url):
+            holding.set()
+            time.sleep(0.5)
+
+    holder = threading.Thread(target=hold_for_half_a_second)
+    holder.start()
+    assert holding.wait(5)
     started = time.monotonic()
     code, out, _ = cli(capsys, "--url", redis_url, "wait", "busy2", "--timeout", "10", "--interval", "0.05")
-    assert code == 0 and out.startswith("busy2 is free") and 0.4 < time.monotonic() - started < 3
+    holder.join(5)
+    assert code == 0 and out.startswith("busy2 is free") and 0.3 < time.monotonic() - started < 3
 
 
 def test_help_explains_the_commands_and_exit_codes() -> None:
