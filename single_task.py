@@ -253,13 +253,28 @@ class single_run:  # noqa: N801 - used like a function: @single_run(...) and wit
             raise ConfigurationError(f"key must be a str template or a callable, not {type(key).__name__}")
         if isinstance(key, str) and not key:
             raise ConfigurationError("key must not be empty")
+        if isinstance(key, str) and not _looks_like_template(key):
+            _check_key(key)
         self.key = key
         self._resolved_client: Any = None
 
     # -- decorator ------------------------------------------------------------------------------
 
-    def __call__(self, fn: Callable[P, R]) -> Callable[P, Optional[R]]:
+    def __call__(self, fn: Optional[Callable[P, R]] = None, *extra: Any, **extra_kw: Any) -> Callable[P, Optional[R]]:
+        # ``extra`` catches the calls of a bare ``@single_run`` (the function became the key, and
+        # this object stands where the function should): they get the fix, not a TypeError.
+        if fn is None or extra or extra_kw or not (callable(fn) or isinstance(fn, (staticmethod, classmethod))):
+            raise ConfigurationError(
+                f"single_run(...) decorates a function, not {'nothing' if fn is None else type(fn).__name__}; "
+                "did you write @single_run without parentheses? Write @single_run()"
+            )
         _check_decoratable(fn)
+        inner = getattr(fn, "__single_run__", None)
+        if inner is not None and inner[0].key == self.key and inner[0].prefix == self.prefix:
+            raise ConfigurationError(
+                f"{_name_of(fn)} is decorated twice with @single_run(key={self.key!r}): every call would "
+                "wait for itself; decorate it once"
+            )
         renderer = _KeyRenderer(self.key, fn)
         spec = self
 
@@ -272,6 +287,17 @@ class single_run:  # noqa: N801 - used like a function: @single_run(...) and wit
         single_run_wrapper.__signature__ = renderer.signature  # type: ignore[attr-defined]
         single_run_wrapper.__single_run__ = (spec, renderer)  # type: ignore[attr-defined]
         return single_run_wrapper
+
+    @property
+    def __name__(self) -> str:
+        # Celery's @app.task reads the function's __name__: under a bare @single_run it finds
+        # this object instead, and the user should learn the fix rather than an AttributeError.
+        if inspect.isfunction(self.key):
+            raise ConfigurationError(
+                f"@single_run without parentheses made {self.key.__qualname__} its key; write @single_run() "
+                "(or @single_run(key=...)) under @app.task"
+            )
+        raise AttributeError("__name__")
 
     # -- context manager ------------------------------------------------------------------------
 
@@ -299,6 +325,11 @@ class single_run:  # noqa: N801 - used like a function: @single_run(...) and wit
         lease = _current.get()
         if lease is None or lease._context is None:
             raise RuntimeError(f"{self!r}: __exit__ without a matching __enter__ in this context")
+        if isinstance(self.key, str) and lease.redis_key != _lease_key(self.prefix, self.key):
+            raise RuntimeError(
+                f"{self!r}: the innermost lease of this context is {lease.key!r}; with blocks must end "
+                "in the reverse order of their start"
+            )
         _current.reset(lease._context)
         if _release(lease, "abort") == _RELEASED_OWED:
             log_release.warning(
@@ -325,6 +356,7 @@ def is_running(task_or_function: Any, *args: Any, **kwargs: Any) -> bool:
     if bound_task is not None:
         args = (bound_task, *args)
     key = renderer.render(args, kwargs)
+    _check_key(key)
     client = _client_of(spec)
     try:
         return bool(client.exists(_lease_key(spec.prefix, key)))
@@ -346,6 +378,7 @@ def send_once(task: Any, args: Any = None, kwargs: Optional[dict[str, Any]] = No
     call_args = tuple(args or ())
     call_kwargs = dict(kwargs or {})
     key = renderer.render((bound_task, *call_args) if bound_task is not None else call_args, call_kwargs)
+    _check_key(key)
     client = _client_of(spec)
     keys = _keys(_lease_key(spec.prefix, key))
     task_id = options.pop("task_id", None) or str(uuid.uuid4())
@@ -373,6 +406,7 @@ def is_queued(task: Any, *args: Any, **kwargs: Any) -> bool:
     if bound_task is not None:
         args = (bound_task, *args)
     key = renderer.render(args, kwargs)
+    _check_key(key)
     try:
         return bool(_client_of(spec).exists(_lease_key(spec.prefix, key) + ":queued"))
     except redis.RedisError as exc:
@@ -393,15 +427,27 @@ def is_queued(task: Any, *args: Any, **kwargs: Any) -> bool:
 #   n  renew: replace the TTL, only if the caller still owns the key.
 #   r  release, only by the owner: run again if a rerun is owed and ARGV[4] is 'e'; otherwise
 #      delete, then hand the key straight to the first live waiter ('c' cancels a wait first).
+#   x  release for an operator, whoever holds it: return the holder's fields, hand the key on.
 #   q  mark a message as queued unless one already is (returns the queued task id, or nil).
 #   u  unmark a message that could not be published (only if the marker is still its own).
 # A run gives up its own queued marker when it starts, or when it finds the key busy and will not
 # wait (its request is then served by the holder), in the same round trip as its acquire.
 # A fence is the server clock in microseconds, never below the last fence issued for the key, so
 # it keeps growing across expiry of the counter key and across restarts.
+# A script that fails half-way keeps what it wrote, so reads come before writes and every key
+# gets its expiry right after it is created: no error (an ACL missing a command, say) can leave a
+# key that never expires.
 _SCRIPT: Final = r"""
 local lease, fkey, queue, winfo, queued = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local op, token = ARGV[1], ARGV[2]
+
+local function expire(key, ms)
+  local ok = redis.pcall('PEXPIRE', key, ms)
+  if type(ok) == 'table' and ok.err then
+    redis.call('DEL', key)
+    error(ok.err)
+  end
+end
 
 local function unqueue(tid)
   if tid ~= '' and redis.call('GET', queued) == tid then redis.call('DEL', queued) end
@@ -417,11 +463,33 @@ local function take(who, ttl, tid, holder, now)
   local last = tonumber(redis.call('GET', fkey) or '0')
   if fence <= last then fence = last + 1 end
   local f = string.format('%.0f', fence)
+  redis.call('SET', fkey, f, 'PX', tonumber(ttl) + 60000)
   redis.call('HSET', lease, 't', who, 'f', f, 'i', tid, 'h', holder,
              's', string.format('%.0f', math.floor(now / 1000)))
-  redis.call('PEXPIRE', lease, ttl)
-  redis.call('SET', fkey, f, 'PX', tonumber(ttl) + 60000)
+  expire(lease, ttl)
   return f
+end
+
+local function hand_off()
+  local now = nil
+  while true do
+    local w = redis.call('LPOP', queue)
+    if not w then return end
+    local info = redis.call('HGET', winfo, w)
+    if info then
+      redis.call('HDEL', winfo, w)
+      now = now or now_us()
+      local alive, ttl, tid, holder = string.match(info, '^(%d+)|(%d+)|([^|]*)|(.*)$')
+      if alive and tonumber(alive) * 1000 >= now then
+        local f = take(w, ttl, tid, holder, now)
+        unqueue(tid)
+        local hk = lease .. ':h:' .. w
+        redis.call('RPUSH', hk, f)
+        expire(hk, ttl)
+        return
+      end
+    end
+  end
 end
 
 if op == 'q' then
@@ -465,21 +533,28 @@ if op == 'a' then
     own = 1
     busy = 'w'
   end
+  local pttl = redis.call('PTTL', lease)
   if busy ~= 'w' then unqueue(tid) end
   if busy == 'r' then
     redis.call('HSET', lease, 'r', '1')
   elseif busy == 'w' then
-    local alive = tonumber(ARGV[7])
-    local until_ms = string.format('%.0f', math.floor(now_us() / 1000) + alive)
-    if redis.call('HSET', winfo, token, until_ms .. '|' .. ttl .. '|' .. tid .. '|' .. holder) == 1 then
-      redis.call('RPUSH', queue, token)
-    end
-    if redis.call('PTTL', queue) < 2 * alive then
-      redis.call('PEXPIRE', queue, 2 * alive)
-      redis.call('PEXPIRE', winfo, 2 * alive)
-    end
+    local keep = 2 * tonumber(ARGV[7])
+    local until_ms = string.format('%.0f', math.floor(now_us() / 1000) + tonumber(ARGV[7]))
+    local wttl, qttl = redis.call('PTTL', winfo), redis.call('PTTL', queue)
+    local new = redis.call('HSET', winfo, token, until_ms .. '|' .. ttl .. '|' .. tid .. '|' .. holder)
+    if wttl < keep then expire(winfo, keep) end
+    if new == 1 then redis.call('RPUSH', queue, token) end
+    if qttl < keep then expire(queue, keep) end
   end
-  return {0, redis.call('PTTL', lease), own}
+  return {0, pttl, own}
+end
+
+if op == 'x' then
+  local cur = redis.call('HMGET', lease, 't', 'f', 'i', 'h', 's')
+  if not cur[1] then return false end
+  redis.call('DEL', lease)
+  hand_off()
+  return cur
 end
 
 local mode = ARGV[4]
@@ -497,25 +572,7 @@ if cur[2] and mode == 'e' then
   return 2
 end
 redis.call('DEL', lease)
-local now = nil
-while true do
-  local w = redis.call('LPOP', queue)
-  if not w then break end
-  local info = redis.call('HGET', winfo, w)
-  if info then
-    redis.call('HDEL', winfo, w)
-    now = now or now_us()
-    local alive, ttl, tid, holder = string.match(info, '^(%d+)|(%d+)|([^|]*)|(.*)$')
-    if alive and tonumber(alive) * 1000 >= now then
-      local f = take(w, ttl, tid, holder, now)
-      unqueue(tid)
-      local hk = lease .. ':h:' .. w
-      redis.call('RPUSH', hk, f)
-      redis.call('PEXPIRE', hk, ttl)
-      break
-    end
-  end
-end
+hand_off()
 if cur[2] then return 3 end
 return 1
 """
@@ -534,6 +591,17 @@ _WAIT_SLICE: Final = 5.0
 
 _current: contextvars.ContextVar[Optional[Lease]] = contextvars.ContextVar("single_task_lease", default=None)
 _HOST: Final = socket.gethostname()
+
+
+class _Holder:
+    """Who this process is, as stored in its leases ("pid@host"); renewed in a forked child."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.text = f"{self.pid}@{_HOST}"
+
+
+_holder = _Holder()
 _lost_lock = threading.Lock()
 
 
@@ -541,10 +609,32 @@ _Keys = tuple[str, str, str, str, str]
 
 
 def _lease_key(prefix: str, key: str) -> str:
-    # The braces make the whole user key the Redis Cluster hash tag, and every companion key
-    # only appends a suffix after the closing brace, so all of a key's keys share one slot even
-    # when the user key itself contains braces (Redis hashes up to the first '}' after '{').
+    # The braces make the user key the Redis Cluster hash tag, and every companion key only
+    # appends a suffix, so all of a key's keys share one slot even when the user key contains
+    # braces (Redis hashes from the first '{' to the next '}'). A key starting with '}' would
+    # make that an empty tag, which Redis ignores: such keys are tagged by a digest instead,
+    # and their names start with "}" so they can never equal a name of the first form.
+    if key.startswith("}"):
+        return f"{prefix}}}{{{hashlib.sha1(key.encode()).hexdigest()[:16]}}}{key}"
     return f"{prefix}{{{key}}}"
+
+
+def _check_key(key: str) -> None:
+    """Refuse a key Redis cannot store as UTF-8 text, or one longer than MAX_KEY_BYTES."""
+    try:
+        size = len(key.encode())
+    except UnicodeEncodeError as exc:
+        raise ConfigurationError(
+            f"key {key!r} is not valid Unicode text ({exc.reason} at position {exc.start}); decode "
+            "the data it came from properly (for file names: os.fsdecode then .encode(errors='replace'))",
+            key,
+        ) from None
+    if size > MAX_KEY_BYTES:
+        raise ConfigurationError(
+            f"key {key[:60]!r}... is {size} bytes; keys are limited to {MAX_KEY_BYTES} bytes "
+            "(build it from an id, not from the data)",
+            key,
+        )
 
 
 def _keys(redis_key: str) -> _Keys:
@@ -564,12 +654,7 @@ def _acquire(spec: single_run, key: str, policy: str, task: Any) -> Optional[Lea
 
     Returns the lease, or None when the call should return without running.
     """
-    if len(key.encode()) > MAX_KEY_BYTES:
-        raise ConfigurationError(
-            f"key {key[:60]!r}... is {len(key.encode())} bytes; keys are limited to {MAX_KEY_BYTES} "
-            "bytes (build it from an id, not from the data)",
-            key,
-        )
+    _check_key(key)
     parent = _current.get()
     while parent is not None:
         if parent.key == key and parent.redis_key == _lease_key(spec.prefix, key) and not parent.fail_open:
@@ -586,8 +671,8 @@ def _acquire(spec: single_run, key: str, policy: str, task: Any) -> Optional[Lea
     task_id = ""
     if task is not None:
         task_id = getattr(task.request, "id", None) or ""
-    holder = {"host": _HOST, "pid": os.getpid(), "task_id": task_id or None}
-    holder_json = json.dumps(holder, separators=(",", ":"))
+    holder = {"host": _HOST, "pid": _holder.pid, "task_id": task_id or None}
+    holder_id = _holder.text
     busy = {"rerun": "r", "wait": "w"}.get(policy, "t")
     alive_ms = _alive_ms(spec.ttl)
     # The deadline is counted from before the request is sent: the server's TTL can only have
@@ -595,9 +680,9 @@ def _acquire(spec: single_run, key: str, policy: str, task: Any) -> Optional[Lea
     sent = time.monotonic()
     try:
         if spec.replicas:
-            reply = _replicated(spec, key, client, keys, "a", token, spec._ttl_ms, task_id, holder_json, busy, alive_ms)
+            reply = _replicated(spec, key, client, keys, "a", token, spec._ttl_ms, task_id, holder_id, busy, alive_ms)
         else:
-            reply = _script(client, keys, "a", token, spec._ttl_ms, task_id, holder_json, busy, alive_ms)
+            reply = _script(client, keys, "a", token, spec._ttl_ms, task_id, holder_id, busy, alive_ms)
     except redis.RedisError as exc:
         return _redis_failed(spec, key, exc)
     if reply[0] == 1:
@@ -609,13 +694,13 @@ def _acquire(spec: single_run, key: str, policy: str, task: Any) -> Optional[Lea
     if own:
         # Our own earlier attempt holds the key and is about to release it (self.retry()
         # publishes before it unwinds): wait for the hand-off rather than skip our own retry.
-        lease = _wait(spec, key, client, keys, token, task_id, holder, holder_json, spec.ttl, pttl, sent)
+        lease = _wait(spec, key, client, keys, token, task_id, holder, holder_id, spec.ttl, pttl, sent)
         if lease is not None:
             return lease
         if policy == "wait":
             sent = time.monotonic()
     if policy == "wait":
-        lease = _wait(spec, key, client, keys, token, task_id, holder, holder_json, spec.timeout, pttl, sent)
+        lease = _wait(spec, key, client, keys, token, task_id, holder, holder_id, spec.timeout, pttl, sent)
         if lease is not None:
             return lease
         raise AlreadyRunning(f"{key!r} is still held after waiting {spec.timeout}s", key)
@@ -641,7 +726,7 @@ def _wait(
     token: str,
     task_id: str,
     holder: dict[str, Any],
-    holder_json: str,
+    holder_id: str,
     timeout: Optional[float],
     pttl_ms: int,
     sent: float,
@@ -673,7 +758,7 @@ def _wait(
                 break
             proof = sent_block
             sent_poll = time.monotonic()
-            reply = _script(client, keys, "a", token, spec._ttl_ms, task_id, holder_json, "w", _alive_ms(spec.ttl))
+            reply = _script(client, keys, "a", token, spec._ttl_ms, task_id, holder_id, "w", _alive_ms(spec.ttl))
         except redis.RedisError as exc:
             _script_quietly(client, keys, token, spec._ttl_ms, task_id)
             raise RedisUnavailable(f"lost touch with Redis while waiting for {key!r}: {exc}", key) from exc
@@ -701,13 +786,16 @@ def _replicated(spec: single_run, key: str, client: Any, keys: _Keys, op: str, t
 
     A lease taken but not acknowledged in time is given back, and the run fails closed.
     """
-    pipe = client.pipeline(transaction=False)
+    # WAIT counts the replicas that have this connection's writes, so both go to the node that
+    # owns the key (on a cluster, the client of that one node) in one pipeline.
+    node = _node_client(client, keys[0])
+    pipe = node.pipeline(transaction=False)
     pipe.evalsha(_SCRIPT_SHA, 5, *keys, op, token, *args)
     pipe.execute_command("WAIT", spec.replicas, int(spec.replica_timeout * 1000))
     reply, acked = pipe.execute(raise_on_error=False)
     if isinstance(reply, redis.exceptions.NoScriptError):
-        reply = _script(client, keys, op, token, *args)
-        acked = client.execute_command("WAIT", spec.replicas, int(spec.replica_timeout * 1000))
+        reply = _script(node, keys, op, token, *args)
+        acked = node.execute_command("WAIT", spec.replicas, int(spec.replica_timeout * 1000))
     for result in (reply, acked):
         if isinstance(result, Exception):
             raise result
@@ -717,6 +805,15 @@ def _replicated(spec: single_run, key: str, client: Any, keys: _Keys, op: str, t
             f"only {acked} of {spec.replicas} replica(s) acknowledged the lease within {spec.replica_timeout}s"
         )
     return reply
+
+
+def _node_client(client: Any, redis_key: str) -> Any:
+    """The client to pipeline scripts for ``redis_key`` through: on a Redis Cluster the plain
+    client of the node that owns its slot (redis-py's cluster pipeline refuses EVALSHA)."""
+    get_node = getattr(client, "get_node_from_key", None)
+    if get_node is None:
+        return client
+    return client.get_redis_connection(get_node(redis_key))
 
 
 def _script_quietly(client: Any, keys: _Keys, token: str, ttl_ms: int, task_id: str) -> None:
@@ -782,20 +879,27 @@ def _lose(lease: Lease, reason: str) -> None:
 
 
 def _redis_failed(spec: single_run, key: str, exc: Exception) -> Optional[Lease]:
-    if not spec.fail_open:
+    # fail_open is for an outage. Redis refusing the credentials or a command is a configuration
+    # that will not heal by itself: running unlocked would hide it, so that always fails closed.
+    outage = isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)) and not isinstance(
+        exc, (redis.exceptions.AuthenticationError, getattr(redis.exceptions, "AuthorizationError", ()))
+    )
+    if not spec.fail_open or not outage:
         raise RedisUnavailable(
             f"could not take the lease for {key!r}, so it did not run: {type(exc).__name__}: {exc}", key
         ) from exc
     log_acquire.warning("Redis failed (%s); running %r WITHOUT a lease (fail_open=True)", exc, key)
-    holder = {"host": _HOST, "pid": os.getpid(), "task_id": None}
+    holder = {"host": _HOST, "pid": _holder.pid, "task_id": None}
     return Lease(key, _lease_key(spec.prefix, key), "", 0, spec.ttl, None, math.inf, holder, None, fail_open=True)
 
 
 class _Watchdog:
     """One thread per process renews every lease the process holds.
 
-    Leases due within the next sixth of their TTL are renewed together, one pipeline per client
-    (one round trip per Redis node), so a thousand leases cost about one round trip per period.
+    It wakes when the first lease is due (a third of its TTL after its last confirmation) and
+    renews, with it, every lease that would be due within the next sixth of its TTL: one
+    pipeline per Redis node. Leases renewed together stay together, so a thousand leases cost a
+    round trip or two per renewal period, not one per lease.
     """
 
     _IDLE: Final = 30.0
@@ -812,7 +916,7 @@ class _Watchdog:
         with self._cond:
             if self._thread is None:
                 self._thread = _start_thread(self._loop, "single_task-watchdog")
-            if lease._renew_at - lease._ttl / 6.0 < self._wake_at:
+            if lease._renew_at < self._wake_at:
                 self._cond.notify()
 
     def discard(self, lease: Lease) -> None:
@@ -830,33 +934,38 @@ class _Watchdog:
         with self._cond:
             now = time.monotonic()
             leases = list(self._leases.values())
-            due = [le for le in leases if le._renew_at - le._ttl / 6.0 <= now]
-            if not due:
-                self._wake_at = min((le._renew_at - le._ttl / 6.0 for le in leases), default=now + self._IDLE)
-                self._cond.wait(max(0.0, self._wake_at - now))
+            first = min((le._renew_at for le in leases), default=now + self._IDLE)
+            if first > now:
+                self._wake_at = first
+                self._cond.wait(first - now)
                 self._wake_at = math.inf
                 return
-        by_client: dict[int, list[Lease]] = {}
+        due = [le for le in leases if le._renew_at - le._ttl / 6.0 <= now]
+        by_node: dict[int, tuple[Any, list[Lease]]] = {}
         for lease in due:
-            by_client.setdefault(id(lease._client), []).append(lease)
-        for group in by_client.values():
-            self._renew(group)
+            node = _node_client(lease._client, lease.redis_key)
+            by_node.setdefault(id(node), (node, []))[1].append(lease)
+        for node, group in by_node.values():
+            self._renew(node, group)
         now = time.monotonic()
         for lease in leases:
             if now >= lease._deadline and not lease._released:
                 self.discard(lease)
                 _lose(lease, f"renewal not confirmed within its {lease._ttl}s lease")
 
-    def _renew(self, group: list[Lease]) -> None:
-        client = group[0]._client
+    def _renew(self, node: Any, group: list[Lease]) -> None:
         sent = time.monotonic()
         try:
-            pipe = client.pipeline(transaction=False)
+            pipe = node.pipeline(transaction=False)
             for lease in group:
                 pipe.evalsha(_SCRIPT_SHA, 5, *_keys(lease.redis_key), "n", lease._token, int(lease._ttl * 1000))
             replies = pipe.execute(raise_on_error=False)
-            if any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
-                replies = [_script(client, _keys(le.redis_key), "n", le._token, int(le._ttl * 1000)) for le in group]
+            for i, (lease, reply) in enumerate(zip(group, replies)):
+                if isinstance(reply, redis.RedisError):
+                    # NOSCRIPT after a restart, or MOVED after a cluster reshard: once more on its
+                    # own, through the lease's client, which loads the script or follows the move.
+                    replies[i] = _script(lease._client, _keys(lease.redis_key), "n", lease._token,
+                                         int(lease._ttl * 1000))
         except redis.RedisError as exc:
             log_renew.warning("Could not renew %d lease(s): %s; retrying", len(group), exc)
             for lease in group:
@@ -900,8 +1009,9 @@ _watchdog = _Watchdog()
 def _after_fork_in_child() -> None:
     # Leases belong to the process that took them: a forked child neither renews nor releases
     # them, and starts its own watchdog when it takes its first lease.
-    global _watchdog
+    global _watchdog, _holder
     _watchdog = _Watchdog()
+    _holder = _Holder()
     _current.set(None)
 
 
@@ -920,14 +1030,32 @@ def _check_client(client: Any) -> Any:
     if client is None:
         return None
     if isinstance(client, str):
-        if not client.startswith(_URL_SCHEMES):
-            raise ConfigurationError(
-                f"client URL {_redact(client)!r} is not a Redis URL; use redis://, rediss:// or unix://"
-            )
-        return client
-    if not callable(getattr(client, "evalsha", None)):
+        return _check_url(client, "client URL")
+    if inspect.isclass(client):
+        raise ConfigurationError(
+            f"client must be a client instance, not the class {client.__name__}: "
+            f"pass {client.__name__}(...) or {client.__name__}.from_url(...)"
+        )
+    evalsha = getattr(client, "evalsha", None)
+    if not callable(evalsha):
         raise ConfigurationError(f"client must be a redis-py client or a Redis URL, not {type(client).__name__}")
+    if inspect.iscoroutinefunction(evalsha) or type(client).__module__.startswith("redis.asyncio"):
+        raise ConfigurationError(
+            f"client {type(client).__module__}.{type(client).__name__} is an asyncio client; single_run holds "
+            "its lease around a blocking call and needs a blocking one (redis.Redis, redis.RedisCluster)"
+        )
     return client
+
+
+def _check_url(url: str, what: str) -> str:
+    """Refuse a URL that is not Redis's or that redis-py cannot parse, naming where it came from."""
+    if not url.startswith(_URL_SCHEMES):
+        raise ConfigurationError(f"{what} {_redact(url)!r} is not a Redis URL; use redis://, rediss:// or unix://")
+    try:
+        redis.ConnectionPool.from_url(url)  # parses only; connects nothing
+    except ValueError as exc:
+        raise ConfigurationError(f"{what} {_redact(url)!r} cannot be parsed: {exc}") from None
+    return url
 
 
 def _client_of(spec: single_run) -> Any:
@@ -957,7 +1085,7 @@ def _default_url() -> str:
     tried = [f"${ENV_URL} (unset)"]
     url = os.environ.get(ENV_URL)
     if url:
-        return url
+        return _check_url(url, f"${ENV_URL}")
     try:
         from celery import current_app
 
@@ -1010,33 +1138,103 @@ def _looks_like_template(key: str) -> bool:
 class _KeyRenderer:
     """Turns a call's arguments into its key, checked against the signature at decoration time.
 
-    Template fields are looked up positionally or by name without ``Signature.bind`` (which is
-    slow on every call); the full bind only runs to produce Python's own TypeError.
+    A call's arguments are checked against the signature before any lock is asked for, and
+    template fields are looked up positionally or by name, both without ``Signature.bind``
+    (slow on every call); the full bind only runs to produce Python's own TypeError.
     """
 
     def __init__(self, key: Union[str, KeyFunc, None], fn: Callable[..., Any]) -> None:
-        self.name = f"{fn.__module__}.{fn.__qualname__}"
+        qualname = getattr(fn, "__qualname__", None)
+        self.name = f"{getattr(fn, '__module__', None) or '?'}.{qualname}" if qualname else repr(fn)
         self.signature = inspect.signature(fn)
         self.func: Optional[KeyFunc] = None
         self.constant: Optional[str] = None
         self.template = ""
         self.lookups: list[tuple[str, int, Any]] = []
+        self._plan_arguments()
         if key is None:
+            if not qualname:
+                raise ConfigurationError(
+                    f"{fn!r} has no __qualname__ to name its default key after; pass key=... explicitly"
+                )
             self.constant = self.name
         elif callable(key):
+            self._check_key_callable(key)
             self.func = key
         else:
             self._plan(key)
 
+    def _plan_arguments(self) -> None:
+        kinds = inspect.Parameter
+        params = list(self.signature.parameters.values())
+        positional = [p for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
+        varargs = any(p.kind == kinds.VAR_POSITIONAL for p in params)
+        varkw = any(p.kind == kinds.VAR_KEYWORD for p in params)
+        self.max_positional = None if varargs else len(positional)
+        self.by_name = None if varkw else {p.name for p in params if p.kind in (kinds.POSITIONAL_OR_KEYWORD,
+                                                                                kinds.KEYWORD_ONLY)}
+        self.positional_names = tuple(p.name for p in positional if p.kind == kinds.POSITIONAL_OR_KEYWORD)
+        self.required = [(i, p.name) for i, p in enumerate(positional) if p.default is p.empty]
+        self.required_kw = [p.name for p in params if p.kind == kinds.KEYWORD_ONLY and p.default is p.empty]
+
+    def check_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Raise Python's own TypeError for arguments the function cannot take."""
+        n = len(args)
+        fits = self.max_positional is None or n <= self.max_positional
+        if fits and kwargs:
+            fits = (self.by_name is None or all(name in self.by_name for name in kwargs)) and not any(
+                name in kwargs for name in self.positional_names[:n]
+            )
+        if fits:
+            fits = all(i < n or name in kwargs for i, name in self.required) and all(
+                name in kwargs for name in self.required_kw
+            )
+        if not fits:
+            self.signature.bind(*args, **kwargs)
+
+    def _check_key_callable(self, func: KeyFunc) -> None:
+        try:
+            key_signature = inspect.signature(func)
+        except (TypeError, ValueError):
+            return  # a builtin without a signature: found out at the first call
+        kinds = inspect.Parameter
+        params = list(self.signature.parameters.values())
+        positional = [p for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
+        keyword_only = {p.name: None for p in params if p.kind == kinds.KEYWORD_ONLY}
+        required = [p for p in positional if p.default is p.empty]
+        calls = [
+            ([None] * len(positional), keyword_only),  # every argument, passed positionally
+            ([None] * len(required), {p.name: None for p in params if p.kind == kinds.KEYWORD_ONLY and
+                                      p.default is p.empty}),  # the required ones only
+            ([None] * sum(p.kind == kinds.POSITIONAL_ONLY for p in positional),  # by name where possible
+             {**{p.name: None for p in positional if p.kind == kinds.POSITIONAL_OR_KEYWORD}, **keyword_only}),
+        ]
+        for call_args, call_kwargs in calls:
+            try:
+                key_signature.bind(*call_args, **call_kwargs)
+            except TypeError as exc:
+                raise ConfigurationError(
+                    f"the key callable {_name_of(func)}{key_signature} of {self.name} cannot take the arguments "
+                    f"of {self.name}{self.signature} ({exc}); give it the same parameters, or *args and **kwargs"
+                ) from None
+
     def _plan(self, template: str) -> None:
         params = self.signature.parameters
         try:
-            fields = _template_fields(template)
+            parsed = list(_formatter.parse(template))
         except ValueError as exc:
             raise ConfigurationError(f"key template {template!r} of {self.name} is malformed: {exc}") from exc
+        fields = [field for _, field, _, _ in parsed if field is not None]
         if not fields:
             self.constant = template
+            _check_key(template)
             return
+        for _, field, _, conversion in parsed:
+            if conversion not in (None, "r", "s", "a"):
+                raise ConfigurationError(
+                    f"key template {template!r} of {self.name} has an unknown conversion !{conversion} in "
+                    f"{{{field}!{conversion}}}; use !r, !s or !a, or none"
+                )
         roots: list[str] = []
         for field in fields:
             root = field.split(".", 1)[0].split("[", 1)[0]
@@ -1065,6 +1263,7 @@ class _KeyRenderer:
             self.lookups.append((root, index, p.default))
 
     def render(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        self.check_arguments(args, kwargs)
         if self.constant is not None:
             return self.constant
         if self.func is not None:
@@ -1081,11 +1280,8 @@ class _KeyRenderer:
                 values[name] = args[index]
             elif name in kwargs:
                 values[name] = kwargs[name]
-            elif default is not inspect.Parameter.empty:
-                values[name] = default
             else:
-                self.signature.bind(*args, **kwargs)  # raises the TypeError Python would raise
-                raise TypeError(f"{self.name}() missing argument {name!r}")
+                values[name] = default  # check_arguments made sure a missing one has a default
         try:
             key = self.template.format_map(values)
         except (AttributeError, LookupError, ValueError, TypeError) as exc:
@@ -1117,11 +1313,17 @@ def _check_prefix(prefix: Any) -> str:
     return prefix
 
 
+def _name_of(fn: Any) -> str:
+    qualname = getattr(fn, "__qualname__", None)
+    return qualname if isinstance(qualname, str) else repr(fn)
+
+
 def _check_decoratable(fn: Any) -> None:
-    if not callable(fn):
+    if isinstance(fn, (staticmethod, classmethod)):
+        kind = type(fn).__name__
         raise ConfigurationError(
-            f"single_run(...) decorates a function, not {type(fn).__name__}; did you write "
-            "@single_run without parentheses? Write @single_run()"
+            f"@single_run is applied to a {kind} object; put @{kind} above @single_run:\n"
+            f"    @{kind}\n    @single_run(...)\n    def ..."
         )
     if hasattr(fn, "apply_async") and hasattr(fn, "run"):
         raise ConfigurationError(
@@ -1132,12 +1334,12 @@ def _check_decoratable(fn: Any) -> None:
         raise ConfigurationError(f"@single_run decorates functions, not the class {fn.__qualname__}")
     if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
         raise ConfigurationError(
-            f"{fn.__qualname__} is a coroutine function; single_run holds a lease for a blocking "
+            f"{_name_of(fn)} is a coroutine function; single_run holds a lease for a blocking "
             "call and does not support async functions"
         )
     if inspect.isgeneratorfunction(fn):
         raise ConfigurationError(
-            f"{fn.__qualname__} is a generator function: its body runs after the call returns, "
+            f"{_name_of(fn)} is a generator function: its body runs after the call returns, "
             "outside the lease; decorate a function that does the work"
         )
 
@@ -1297,9 +1499,6 @@ examples:
 _EXIT_OK: Final = 0
 _EXIT_NO: Final = 1
 _EXIT_ERROR: Final = 2
-
-# Reads a lease and deletes it in one step, so what release prints is exactly what it removed.
-_TAKE_SCRIPT: Final = "local h = redis.call('HGETALL', KEYS[1]) redis.call('DEL', KEYS[1]) return h"
 
 
 class _CliError(Exception):
@@ -1501,8 +1700,10 @@ def _cli_release(client: Any, prefix: str, args: Any) -> int:
         print("single_task: not released: the holder may still be running; pass --force to delete the lease",
               file=sys.stderr)
         return _EXIT_ERROR
-    redis_key = _lease_key(prefix, args.key)
-    removed = _fields(client.eval(_TAKE_SCRIPT, 1, redis_key))
+    # One script reads the holder, deletes the lease and hands the key to the first waiter, so
+    # what is printed is exactly what was removed.
+    reply = _script(client, _keys(_lease_key(prefix, args.key)), "x", "")
+    removed = {} if not reply else {k: _text(v) for k, v in zip("tfihs", reply) if v is not None}
     if not removed:
         print(f"{_printable(args.key)} was freed meanwhile: nothing to release")
         return _EXIT_NO
@@ -1591,20 +1792,15 @@ def _text(value: Any) -> str:
 
 
 def _lease_row(key: str, fields: dict[str, str], pttl: Any, waiters: Any, now_ms: Optional[int]) -> dict[str, Any]:
-    try:
-        holder = json.loads(fields.get("h") or "{}")
-    except ValueError:
-        holder = {}
-    if not isinstance(holder, dict):
-        holder = {}
+    pid, _, host = fields.get("h", "").partition("@")
     since = int(fields["s"]) if fields.get("s", "").isdigit() else None
     pttl = int(pttl) if isinstance(pttl, int) else -2
     return {
         "key": key,
         "kind": "lease",
-        "host": holder.get("host"),
-        "pid": holder.get("pid"),
-        "task_id": fields.get("i") or holder.get("task_id") or None,
+        "host": host or None,
+        "pid": int(pid) if pid.isdigit() else None,
+        "task_id": fields.get("i") or None,
         "held_since": None if since is None else _iso(since),
         "held_since_ms": since,
         "held_for_s": None if since is None or now_ms is None else max(0.0, (now_ms - since) / 1000.0),
@@ -1617,17 +1813,8 @@ def _lease_row(key: str, fields: dict[str, str], pttl: Any, waiters: Any, now_ms
 
 def _queued_row(key: str, value: Any, pttl: Any) -> dict[str, Any]:
     text = _text(value)
-    task_id: Any = text
-    try:
-        parsed = json.loads(text)
-    except ValueError:
-        parsed = None
-    if isinstance(parsed, dict):
-        task_id = parsed.get("task_id") or parsed.get("id")
-    elif parsed is not None:
-        task_id = None
     pttl = int(pttl) if isinstance(pttl, int) else -2
-    return {"key": key, "kind": "queued", "task_id": task_id, "value": text,
+    return {"key": key, "kind": "queued", "task_id": text, "value": text,
             "time_left_s": pttl / 1000.0 if pttl >= 0 else None}
 
 

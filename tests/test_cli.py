@@ -95,7 +95,7 @@ def test_list_filters_by_a_glob_over_the_keys(capsys: Any, redis_url: str, held:
 
 def test_list_shows_the_celery_task_id_and_an_owed_rerun(capsys: Any, redis_url: str, r: redis.Redis) -> None:
     r.hset("single_task:{t}", mapping={"t": "tok", "f": "7", "i": "c0ffee", "s": str(int(time.time() * 1000)),
-                                       "h": json.dumps({"host": "web-1", "pid": 99, "task_id": "c0ffee"}), "r": "1"})
+                                       "h": "99@web-1", "r": "1"})
     r.pexpire("single_task:{t}", 5000)
     code, out, _ = cli(capsys, "--url", redis_url, "list")
     assert code == 0

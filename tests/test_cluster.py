@@ -19,10 +19,9 @@ from support.topologies import Cluster
 # Keys whose text contains braces: the whole user key must stay the hash tag of every key the
 # library derives from it, or a script would touch two slots (CROSSSLOT).
 BRACED = ["{", "{}", "{a}", "a}b", "x}", "a{b}c", "{{}}", "user:{42}:sync"]
-# A key that starts with '}' makes "{}" the first brace pair of its Redis keys: an empty hash tag,
+# A key that starts with "}" would make "{}" the first brace pair of its Redis keys: an empty hash tag,
 # so Redis hashes each whole name and the companion keys scatter over slots.
 LEADING_CLOSE = ["}", "}x", "}{", "}abc{d}"]
-LEADING_CLOSE_BUG = "core: _lease_key gives keys starting with '}' an empty hash tag (see the report's patch)"
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +54,6 @@ def test_every_key_the_library_derives_from_a_user_key_is_in_one_slot(key: str) 
     assert len({key_slot(k.encode()) for k in derived_keys(key)}) == 1, derived_keys(key)
 
 
-@pytest.mark.xfail(strict=True, reason=LEADING_CLOSE_BUG)
 @pytest.mark.parametrize("key", LEADING_CLOSE)
 def test_a_key_starting_with_a_closing_brace_keeps_its_keys_in_one_slot(key: str) -> None:
     assert len({key_slot(k.encode()) for k in derived_keys(key)}) == 1, derived_keys(key)
@@ -123,8 +121,6 @@ def test_keys_with_braces_acquire_wait_and_hand_over_on_the_cluster(rc: redis.Re
     assert not rc.exists(single_task._lease_key("single_task:", f"t:{text}"))
 
 
-@pytest.mark.xfail(strict=True, reason=LEADING_CLOSE_BUG, raises=(redis.exceptions.RedisClusterException,
-                                                                  redis.RedisError))
 @pytest.mark.parametrize("key", LEADING_CLOSE)
 def test_keys_starting_with_a_closing_brace_work_on_the_cluster(rc: redis.RedisCluster, key: str) -> None:
     with single_run(key=key, client=rc, ttl=5) as lease:
@@ -190,8 +186,6 @@ def test_a_script_cache_flushed_on_every_node_is_loaded_again(cluster: Cluster, 
         assert lease.fence > 0
 
 
-@pytest.mark.xfail(strict=True, reason="core: the watchdog pipelines EVALSHA, which redis-py's ClusterPipeline "
-                   "refuses (RedisClusterException), so no lease is ever renewed on a cluster")
 def test_renewal_keeps_a_run_longer_than_its_ttl_alive_on_the_cluster(rc: redis.RedisCluster) -> None:
     lost: list[str] = []
     with single_run(key="long", client=rc, ttl=0.6, on_lost=lambda lease: lost.append(lease.key)) as lease:
@@ -201,8 +195,6 @@ def test_renewal_keeps_a_run_longer_than_its_ttl_alive_on_the_cluster(rc: redis.
     assert not lost
 
 
-@pytest.mark.xfail(strict=True, reason="core: replicas=N pipelines EVALSHA (refused by ClusterPipeline) and "
-                   "sends WAIT without a key, so redis-py may route it to another node")
 def test_replicas_option_works_on_the_cluster(rc: redis.RedisCluster) -> None:
     with single_run(key="replicated", client=rc, replicas=1) as lease:
         assert lease.fence > 0

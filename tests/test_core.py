@@ -163,6 +163,42 @@ def test_renewal_is_one_watchdog_thread_for_all_leases(redis_url: str) -> None:
     assert len(names) == 20 + sum(1 for n in names if "watchdog" in n)
 
 
+class PipelineCountingRedis(redis.Redis):
+    """A real client that notes when the watchdog thread opens a pipeline on it (a round trip)."""
+
+    renewal_round_trips: list[float]
+
+    def pipeline(self, *args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread().name == "single_task-watchdog":
+            self.renewal_round_trips.append(time.monotonic())
+        return super().pipeline(*args, **kwargs)
+
+
+def evalsha_calls(r: redis.Redis) -> int:
+    return int(r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def test_many_leases_are_renewed_together_once_per_period_in_one_round_trip(redis_url: str, r: redis.Redis) -> None:
+    client = PipelineCountingRedis.from_url(redis_url)
+    client.renewal_round_trips = []
+    count, ttl, periods = 300, 1.2, 9  # a renewal period is ttl/3
+    lost: list[str] = []
+    with contextlib.ExitStack() as stack:
+        for i in range(count):
+            spec = single_run(key=f"batch:{i}", client=client, ttl=ttl, on_lost=lambda le: lost.append(le.key))
+            stack.enter_context(spec)
+        client.renewal_round_trips.clear()
+        before = evalsha_calls(r)
+        time.sleep(periods * ttl / 3)
+        renewals = evalsha_calls(r) - before
+        round_trips = len(client.renewal_round_trips)
+    assert not lost
+    # Every lease renewed about once a period (not twice, as when each is renewed at its early edge) ...
+    assert count * (periods - 2) <= renewals <= count * periods * 1.3, renewals
+    # ... and all of them in one pipelined round trip (two at most), not one round trip per lease.
+    assert round_trips <= 2 * periods, round_trips
+
+
 HOLDER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {root!r})

@@ -388,15 +388,7 @@ def test_an_acl_user_limited_to_the_prefix_and_the_documented_commands_can_do_ev
 
 @pytest.mark.parametrize(
     "command",
-    [
-        pytest.param(
-            command,
-            marks=pytest.mark.xfail(strict=True, reason="without PEXPIRE the acquire leaves a lease with no expiry"),
-        )
-        if command == "pexpire"
-        else command
-        for command in CLIENT_COMMANDS + SCRIPT_COMMANDS
-    ],
+    CLIENT_COMMANDS + SCRIPT_COMMANDS,
 )
 def test_every_command_of_the_documented_acl_is_needed_and_without_it_no_key_is_left_without_expiry(
     acl_server: RedisServer, acl_url: str, command: str

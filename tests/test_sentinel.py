@@ -57,7 +57,7 @@ def first_lease_after(client: Any, deadline: float, failures: list[str]) -> tupl
 @pytest.mark.slow
 def test_after_the_master_is_killed_new_leases_work_without_restarting_anything(group: SentinelGroup) -> None:
     client = master_client(group)
-    old_host, old_port = group.master_address()
+    _old_host, old_port = group.master_address()
     lost: list[str] = []
     with contextlib.ExitStack() as stack:
         before = stack.enter_context(single_run(key="before", client=client))
