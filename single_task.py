@@ -351,11 +351,13 @@ def is_running(task_or_function: Any, *args: Any, **kwargs: Any) -> bool:
     """True when a run of ``task_or_function`` for these arguments holds its lease right now.
 
     Accepts a Celery task or a function decorated with ``@single_run``; enqueues nothing.
+    Arguments the key does not use may be left out; arguments the function cannot take raise
+    TypeError.
     """
     spec, renderer, bound_task = _spec_of(task_or_function)
     if bound_task is not None:
         args = (bound_task, *args)
-    key = renderer.render(args, kwargs)
+    key = renderer.render(args, kwargs, partial=True)
     _check_key(key)
     client = _client_of(spec)
     try:
@@ -405,7 +407,7 @@ def is_queued(task: Any, *args: Any, **kwargs: Any) -> bool:
     spec, renderer, bound_task = _spec_of(task)
     if bound_task is not None:
         args = (bound_task, *args)
-    key = renderer.render(args, kwargs)
+    key = renderer.render(args, kwargs, partial=True)
     _check_key(key)
     try:
         return bool(_client_of(spec).exists(_lease_key(spec.prefix, key) + ":queued"))
@@ -1177,20 +1179,21 @@ class _KeyRenderer:
         self.required = [(i, p.name) for i, p in enumerate(positional) if p.default is p.empty]
         self.required_kw = [p.name for p in params if p.kind == kinds.KEYWORD_ONLY and p.default is p.empty]
 
-    def check_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Raise Python's own TypeError for arguments the function cannot take."""
+    def check_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any], partial: bool = False) -> None:
+        """Raise Python's own TypeError for arguments the function cannot take (``partial``: a
+        call that may leave out required arguments, as is_running and is_queued allow)."""
         n = len(args)
         fits = self.max_positional is None or n <= self.max_positional
         if fits and kwargs:
             fits = (self.by_name is None or all(name in self.by_name for name in kwargs)) and not any(
                 name in kwargs for name in self.positional_names[:n]
             )
-        if fits:
+        if fits and not partial:
             fits = all(i < n or name in kwargs for i, name in self.required) and all(
                 name in kwargs for name in self.required_kw
             )
         if not fits:
-            self.signature.bind(*args, **kwargs)
+            (self.signature.bind_partial if partial else self.signature.bind)(*args, **kwargs)
 
     def _check_key_callable(self, func: KeyFunc) -> None:
         try:
@@ -1262,8 +1265,8 @@ class _KeyRenderer:
             index = positional.index(root) if root in positional else -1
             self.lookups.append((root, index, p.default))
 
-    def render(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-        self.check_arguments(args, kwargs)
+    def render(self, args: tuple[Any, ...], kwargs: dict[str, Any], partial: bool = False) -> str:
+        self.check_arguments(args, kwargs, partial)
         if self.constant is not None:
             return self.constant
         if self.func is not None:
@@ -1280,8 +1283,10 @@ class _KeyRenderer:
                 values[name] = args[index]
             elif name in kwargs:
                 values[name] = kwargs[name]
-            else:
-                values[name] = default  # check_arguments made sure a missing one has a default
+            elif default is not inspect.Parameter.empty:
+                values[name] = default
+            else:  # only a partial call gets here
+                raise TypeError(f"{self.name}() missing argument {name!r}, which its key needs")
         try:
             key = self.template.format_map(values)
         except (AttributeError, LookupError, ValueError, TypeError) as exc:
@@ -1575,8 +1580,8 @@ def _cli_parser() -> Any:
 
     sub = command("release", _cli_release, "Delete the lease of KEY (needs --force); print what was removed.",
                   "The holder is not stopped: its next renewal finds the lease gone and reports it lost\n"
-                  "(lease.lost, on_lost). A rerun it owed is dropped; waiters take the key within seconds.\n"
-                  "Without --force it only shows the holder and exits 2.")
+                  "(lease.lost, on_lost). A rerun it owed is dropped; the first waiting run is handed the\n"
+                  "key at once. Without --force it only shows the holder and exits 2.")
     sub.add_argument("key", metavar="KEY", help="the key as passed to single_run (what `list` prints)")
     sub.add_argument("--force", action="store_true", help="really delete the lease")
 

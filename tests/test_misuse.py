@@ -680,6 +680,18 @@ def test_is_running_with_wrong_arguments_raises_typeerror(redis_url: str) -> Non
         is_running(job, 1, 2)
 
 
+def test_is_running_needs_only_the_arguments_its_key_uses(redis_url: str) -> None:
+    def sync(account_id: int, payload: str, full: bool = False) -> None: ...
+
+    job = single_run(key="sync:{account_id}", client=redis_url)(sync)
+    with single_run(key="sync:7", client=redis_url):
+        assert is_running(job, 7) is True
+        assert is_running(job, account_id=7) is True
+        assert is_running(job, 8, "x", full=True) is False
+    with pytest.raises(TypeError, match="account_id"):
+        is_running(job, payload="x")
+
+
 def test_send_once_on_a_plain_function_is_refused_asking_for_the_task(redis_url: str) -> None:
     job = single_run(key="job:{n}", client=redis_url)(work)
     with pytest.raises(ConfigurationError, match="send_once needs the Celery task"):
