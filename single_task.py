@@ -41,6 +41,8 @@ import uuid
 from typing import TYPE_CHECKING, Any, Callable, Final, Literal, Optional, TypeVar, Union, cast
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 if TYPE_CHECKING:
     from typing import ParamSpec
@@ -1077,8 +1079,12 @@ def _client_for_url(url: str) -> Any:
         client = _clients.get(url)
         if client is None:
             # redis-py pools notice a fork by pid and reconnect in the child, so one pool per URL
-            # per process is safe. Timeouts keep a dead or paused server from hanging a run.
-            client = redis.Redis.from_url(url, socket_connect_timeout=5.0, socket_timeout=10.0)
+            # per process is safe. Timeouts keep a dead or paused server from hanging a run. One
+            # immediate retry reconnects a dropped connection; redis-py's default (up to ten with
+            # backoff, seconds in all) would hold a release or renewal past the lease it serves.
+            client = redis.Redis.from_url(
+                url, socket_connect_timeout=5.0, socket_timeout=10.0, retry=Retry(NoBackoff(), 1)
+            )
             _clients[url] = client
         return client
 

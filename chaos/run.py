@@ -64,6 +64,13 @@ CYCLE: list[tuple[float, str]] = [
 CYCLE_S = 44.0
 
 
+
+def holder_pid(holder: str) -> int | None:
+    """The pid in a lease's holder field, which single_task writes as "pid@host"."""
+    pid = holder.partition("@")[0]
+    return int(pid) if pid.isdigit() else None
+
+
 @dataclass
 class Mode:
     name: str
@@ -236,11 +243,8 @@ class ChaosRun:
             if not name.endswith("}"):
                 continue  # a companion key (fence, queue, hand-off)
             t, h = self.watch.hmget(name, "t", "h")
-            try:
-                if t and h and json.loads(h)["pid"] in pids:
-                    held[name] = t
-            except (ValueError, KeyError):
-                continue
+            if t and h and holder_pid(h) in pids:
+                held[name] = t
         return held
 
     def _wait_free(self, held: dict[str, str], since: float, limit: float) -> Optional[float]:
@@ -285,7 +289,7 @@ class ChaosRun:
                     pass
         t = time.monotonic()
         for pid in pids:
-            self.kills[pid] = t
+            self.kills.setdefault(pid, t)  # a run of a killed pid ended at its first kill
         return t, held
 
     def _owing_pids(self, prefix: str) -> set[int]:
@@ -294,14 +298,16 @@ class ChaosRun:
         for name in self.watch.scan_iter(match=LEASE_PREFIX + "{" + prefix + ":*", count=200):
             if name.endswith("}"):
                 r, h = self.watch.hmget(name, "r", "h")
-                if r and h:
-                    pids.add(int(json.loads(h)["pid"]))
+                pid = holder_pid(h) if r and h else None
+                if pid is not None:
+                    pids.add(pid)
         return pids
 
     def fault_child_kill(self) -> dict[str, Any]:
         """SIGKILL one pool child. Every other kill aims at a holder that owes a rerun (of the
         plain and the durable rerun keys in turn), the case the rerun checks are about."""
-        children = {pid: w for w in self.workers for pid in w.child_pids()}
+        # A child killed before may still be listed until its worker reaps it: never aim at it again.
+        children = {pid: w for w in self.workers for pid in w.child_pids() if pid not in self.kills}
         self.child_kills = getattr(self, "child_kills", 0) + 1
         target = "any"
         pool: list[int] = []

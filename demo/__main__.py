@@ -42,7 +42,8 @@ def main() -> int:
             elapsed = time.monotonic() - started
         stats = server.client(decode_responses=True)
         print()
-        print(f"{'policy':<8}{'enqueued':>10}{'ran':>8}{'skipped/coalesced':>19}{'reruns':>8}{'max concurrent per key':>24}")
+        header = ("policy", "enqueued", "ran", "skipped/coalesced", "reruns", "max concurrent per key")
+        print(f"{header[0]:<8}{header[1]:>10}{header[2]:>8}{header[3]:>19}{header[4]:>8}{header[5]:>24}")
         ok = True
         for kind in ("skip", "rerun"):
             runs = int(stats.get(f"demo:runs:{kind}") or 0)
@@ -51,7 +52,8 @@ def main() -> int:
             most = int(stats.get(f"demo:max:{kind}") or 0)
             ok = ok and most == 1
             print(f"{kind:<8}{len(results[kind]):>10}{runs:>8}{returned_none:>19}{reruns:>8}{most:>24}")
-        print(f"\n{ACCOUNTS} accounts, {elapsed:.1f}s. Each run takes 50 ms; calls came in bursts of {BURST} per account.")
+        print(f"\n{ACCOUNTS} accounts, {elapsed:.1f}s. Each run takes 50 ms; "
+              f"calls came in bursts of {BURST} per account.")
         print("skip: busy calls returned None at once. rerun: busy calls returned None and the running")
         print("holder ran once more after its run, so the last call was always followed by a run.")
         print("max concurrent per key is 1: " + ("yes" if ok else "NO - overlapping runs!"))
