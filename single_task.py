@@ -587,6 +587,9 @@ _NOT_OWNER: Final = 0
 _RELEASED: Final = 1
 _RERUN: Final = 2
 _RELEASED_OWED: Final = 3
+_UNCONFIRMED: Final = -1  # Redis did not answer the release: it expires by itself
+# How many times in a row a rerun-policy run takes its key again after finding its lease lost.
+_RETAKES: Final = 3
 _RELEASE_MODE: Final = {"end": "e", "abort": "a", "cancel": "c"}
 
 # The longest single BLPOP of a waiter: it re-polls at least this often, which keeps its place in
@@ -852,7 +855,7 @@ def _release(lease: Lease, mode: str) -> int:
         log_release.warning(
             "Could not release %r (%s); it expires by itself within %.1fs", lease.key, exc, lease.time_left
         )
-        return _RELEASED
+        return _UNCONFIRMED
     if outcome == _RERUN:
         lease._deadline = sent + lease._ttl
         lease._renew_at = sent + lease._ttl / 3.0
@@ -1394,6 +1397,7 @@ def _run(
         return None
     lease._parent = _current.get()
     context_token = _current.set(lease)
+    retakes = 0
     try:
         while True:
             try:
@@ -1402,9 +1406,31 @@ def _run(
                 if _release(lease, "abort") == _RELEASED_OWED:
                     _pass_on_rerun(spec, fn, lease, task, args, kwargs, exc)
                 raise
-            if _release(lease, "end") != _RERUN:
+            outcome = _release(lease, "end")
+            if outcome == _RERUN:
+                retakes = 0
+                log_acquire.info("Running %r again: a rerun was requested during the last run", key)
+                continue
+            if policy != "rerun" or outcome not in (_NOT_OWNER, _UNCONFIRMED) or retakes >= _RETAKES:
                 return result
-            log_acquire.info("Running %r again: a rerun was requested during the last run", key)
+            # Rerun requests are kept in the lease, so a lost lease may have taken some with it.
+            # Take the key again and run, or (busy) pass a request on to whoever holds it now.
+            retakes += 1
+            _current.reset(context_token)  # the lost lease is no longer ours: not a nested use
+            context_token = _current.set(lease._parent)
+            try:
+                again = _acquire(spec, key, "rerun", task)
+            except RedisUnavailable as exc:
+                log_release.warning("Lease on %r was lost, and reruns requested during the run may be "
+                                    "lost with it: %s", key, exc.message)
+                return result
+            if again is None:
+                return result
+            log_acquire.info("Running %r again: its lease was lost, and rerun requests with it", key)
+            again._parent = lease._parent
+            lease = again
+            _current.reset(context_token)
+            context_token = _current.set(lease)
     finally:
         _current.reset(context_token)
 

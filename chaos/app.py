@@ -81,14 +81,11 @@ def _on_lost(lease: Lease) -> None:
 # -- the work ------------------------------------------------------------------------------------
 
 _iterations: dict[str, int] = {}
-_leases: dict[str, Lease] = {}
 
 
 def _body(call_id: str, seconds: float) -> bool:
     """One run: record its start, sleep in short slices (a kill lands anywhere), record its end."""
     lease = current_lease()
-    if lease is not None:
-        _leases[call_id] = lease
     it = _iterations.get(call_id, 0)
     _iterations[call_id] = it + 1
     key = lease.key if lease is not None else None
@@ -131,34 +128,16 @@ def _call(task: Any, policy: str, n: int, seconds: float, call_id: str) -> str:
            redelivered=redelivered)
     try:
         ran = _LOCKED[policy](n, seconds, call_id)
-        # A rerun requested of a holder lives in the holder's lease; when the lease was lost
-        # (expired while Redis was paused, or Redis restarted empty) the request went with it and
-        # single_run does not run again. Under the durable configuration the task asks once more
-        # itself: it takes the key and runs, or, when the key is busy, requests a rerun of the
-        # holder that has it now. (Bounded: at most three times.)
-        for _ in range(3):
-            lease = _leases.get(call_id)
-            if policy != "rerun_durable" or not ran or lease is None or not lease.lost:
-                break
-            record(ev="again", id=call_id, key=lease.key, fence=lease.fence, t=time.monotonic())
-            _leases.pop(call_id, None)
-            try:
-                ran = _LOCKED[policy](n, seconds, call_id) or ran
-            except RedisUnavailable:
-                record(ev="again_failed", id=call_id, t=time.monotonic())
-                break
     except AlreadyRunning:
         outcome = "wait_timeout"
     except RedisUnavailable:
         outcome = "unavailable"
     except Exception as exc:  # recorded and re-raised: the checker counts them
-        _leases.pop(call_id, None)
         record(ev="ret", id=call_id, t0=t0, t=time.monotonic(), outcome=f"error:{type(exc).__name__}",
                runs=_iterations.pop(call_id, 0), error=str(exc)[:300])
         raise
     else:
         outcome = "ran" if ran else "coalesced" if policy.startswith("rerun") else "skipped"
-    _leases.pop(call_id, None)
     record(ev="ret", id=call_id, t0=t0, t=time.monotonic(), outcome=outcome, runs=_iterations.pop(call_id, 0))
     return outcome
 

@@ -16,10 +16,9 @@ from typing import Any, Optional
 
 RERUN_POLICIES = ("rerun", "rerun_durable")
 WAITED_AFTER = 0.02
-# single_task keeps a rerun request in the holder's lease, so a holder that loses its lease (an
-# expiry while Redis is paused, a Redis restart) drops it. Until single_task re-requests after a
-# lost lease, the default-acks check allows these and counts them; the durable check does not.
-EXCUSE_LOST_HOLDER = True  # a wait-policy run that started this long after its call had to wait
+# single_task keeps a rerun request in the holder's lease. A holder that finds its lease lost at
+# release (an expiry while Redis was paused, a Redis restart) takes the key again and runs, or
+# passes a request on to whoever holds the key by then: no check excuses a request lost that way.
 
 
 @dataclass
@@ -236,6 +235,7 @@ def rerun_requests(rec: Record, ttl: float, slack: float, policy: str,
     stats = {"requests": 0, "kept": 0, "kept_by_rerun": 0, "kept_by_redelivery": 0, "tight": 0,
              "killed_holder": 0, "killed_holder_kept": 0, "lost_holder": 0, "dropped": 0}
     redelivered = {(a.pid, a.call_id) for a in rec.attempts if a.redelivered}
+    returned = {(a.pid, a.call_id): a.t1 for a in rec.attempts if a.t1 is not None}
     problems: list[str] = []
     for a in rec.attempts:
         if a.policy != policy or a.outcome != "coalesced" or a.t1 is None:
@@ -250,6 +250,13 @@ def rerun_requests(rec: Record, ttl: float, slack: float, policy: str,
         elif killed:
             assert owner.killed_at is not None
             due = owner.killed_at + (redelivery_s if owner.pid in worker_kills else ttl + 2.0) + slack
+        elif owner.lost:
+            # The holder learns at release that its lease is gone (a release may wait out a Redis
+            # pause); its call then takes the key and runs before returning, or passes a request
+            # on to the run holding the key when it returns, which runs again when it ends.
+            back = max(owner.stop, returned.get((owner.pid, owner.call_id), owner.stop))
+            busy = [r for r in runs if r is not owner and r.start <= back <= r.stop]
+            due = max([back, *(r.stop for r in busy)]) + slack
         else:
             due = owner.stop + slack
         later = [r for r in runs if r.start > a.t0]
@@ -291,8 +298,6 @@ def check_rerun(rec: Record, ttl: float, slack: float, policy: str, sent: list[d
         problems = [p for p in problems if "its holder was killed" not in p]
     unkept = stats["requests"] - stats["kept"]
     unexcused = unkept - (stats["killed_holder"] if excuse_killed else 0)
-    if excuse_killed and EXCUSE_LOST_HOLDER:
-        unexcused -= stats["lost_holder"]
     finished = {a.call_id for a in rec.attempts if a.policy == policy and a.outcome is not None}
     mine = [s for s in sent if s["policy"] == policy]
     never = [s["id"] for s in mine if s["id"] not in finished]
@@ -310,8 +315,6 @@ def check_rerun(rec: Record, ttl: float, slack: float, policy: str, sent: list[d
         detail += f"; {len(mine) - len(never)}/{len(mine)} tasks finished a call"
     if stats["lost_holder"] or excuse_killed:
         detail += f"; not kept because the holder lost its lease: {stats['lost_holder']}"
-        if excuse_killed and EXCUSE_LOST_HOLDER:
-            detail += " (a known single_task weakness, allowed here: see README)"
     if stats["dropped"] or (not excuse_killed and stats["killed_holder"]):
         detail += f"; dropped: {stats['dropped'] + (0 if excuse_killed else stats['killed_holder'])}"
     if not stats["requests"]:

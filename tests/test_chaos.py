@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from chaos import check
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,6 +110,22 @@ def test_a_rerun_owed_by_a_killed_holder_is_excused_only_under_default_acks() ->
                 *call("c", 11, policy, "r", 0.5, 0.51, "coalesced")]
     assert rerun_check(events("rerun"), "rerun", {10: 0.8}).ok
     assert not rerun_check(events("rerun_durable"), "rerun_durable", {10: 0.8}).ok
+
+
+@pytest.mark.parametrize("policy", ["rerun", "rerun_durable"])
+def test_a_rerun_owed_by_a_holder_that_lost_its_lease_must_be_kept_by_the_holder_taking_the_key_again(
+    policy: str,
+) -> None:
+    # The holder's body ends at 1.0, its release waits out an outage and finds the lease gone at
+    # 3.0 (on_lost), and its call returns at 3.3 after running once more (kept), or without it.
+    def events(runs_again: bool) -> list[dict[str, Any]]:
+        again = [start("r", 2, 10, 3.1, call="h", it=1), end("r", 2, 10, 3.3, call="h", it=1)] if runs_again else []
+        return [start("r", 1, 10, 0.0, call="h"), *call("c", 11, policy, "r", 0.5, 0.51, "coalesced"),
+                end("r", 1, 10, 1.0, call="h", lost=True), {"ev": "lost", "key": "r", "fence": 1, "pid": 10, "t": 3.0},
+                *again, *call("h", 10, policy, "r", -0.01, 3.3, "ran")]
+
+    assert rerun_check(events(True), policy).ok
+    assert not rerun_check(events(False), policy).ok
 
 
 def test_the_quick_chaos_run_passes(tmp_path: Path) -> None:

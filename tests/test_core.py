@@ -396,6 +396,48 @@ def test_every_rerun_call_is_followed_by_a_run_that_starts_after_it(redis_url: s
     assert len(starts) < len(calls)  # and calls were really coalesced
 
 
+def test_a_rerun_request_lost_with_the_holders_lease_is_still_served(redis_url: str, r: redis.Redis) -> None:
+    # The rerun flag lives in the lease. A holder whose lease was lost (here: deleted, as a Redis
+    # restart would) cannot know whether a request went with it, so it takes the key again.
+    fences: list[int] = []
+    lost: list[int] = []
+    first_started = threading.Event()
+
+    @single_run(key="rr-lost", client=redis_url, on_busy="rerun", on_lost=lambda le: lost.append(le.fence))
+    def job(i: int) -> str:
+        lease = current_lease()
+        assert lease is not None
+        fences.append(lease.fence)
+        first_started.set()
+        time.sleep(0.3 if len(fences) == 1 else 0.0)
+        return "ran"
+
+    t = threading.Thread(target=job, args=(0,))
+    t.start()
+    first_started.wait()
+    assert job(1) is None  # a rerun request, recorded in the holder's lease ...
+    r.delete("single_task:{rr-lost}")  # ... which is then lost
+    t.join()
+    assert len(fences) == 2 and fences[1] > fences[0]
+    assert lost == [fences[0]]
+    assert not r.exists("single_task:{rr-lost}")
+
+
+def test_a_holder_that_keeps_losing_its_lease_takes_the_key_again_a_bounded_number_of_times(
+    redis_url: str, r: redis.Redis
+) -> None:
+    runs: list[int] = []
+
+    @single_run(key="rr-always-lost", client=redis_url, on_busy="rerun")
+    def job() -> str:
+        runs.append(1)
+        r.delete("single_task:{rr-always-lost}")
+        return "ran"
+
+    assert job() == "ran"
+    assert len(runs) == 1 + single_task._RETAKES
+
+
 def test_rerun_owed_by_a_run_that_raises_outside_celery_is_logged(redis_url: str, caplog: Any) -> None:
     started = threading.Event()
 
