@@ -1363,13 +1363,21 @@ def _check_decoratable(fn: Any) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+_task_getter: list[Callable[[], Any]] = []  # celery's get_current_task, imported at the first call
+
+
 def _current_task() -> Any:
     """The Celery task executing in this thread, or None (and None when Celery is absent)."""
-    try:
-        from celery._state import get_current_task
-    except ImportError:
-        return None
-    task = get_current_task()
+    if not _task_getter:
+        # Imported once, lazily: a plain decorated function never pays for importing Celery, and
+        # every call after the first skips the import machinery (microseconds on the hot path).
+        try:
+            from celery._state import get_current_task
+        except ImportError:
+            _task_getter.append(lambda: None)
+        else:
+            _task_getter.append(get_current_task)
+    task = _task_getter[0]()
     if task is None or task.request.called_directly:
         return None
     return task
