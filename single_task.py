@@ -967,12 +967,6 @@ class _Watchdog:
             for lease in group:
                 pipe.evalsha(_SCRIPT_SHA, 5, *_keys(lease.redis_key), "n", lease._token, int(lease._ttl * 1000))
             replies = pipe.execute(raise_on_error=False)
-            for i, (lease, reply) in enumerate(zip(group, replies)):
-                if isinstance(reply, redis.RedisError):
-                    # NOSCRIPT after a restart, or MOVED after a cluster reshard: once more on its
-                    # own, through the lease's client, which loads the script or follows the move.
-                    replies[i] = _script(lease._client, _keys(lease.redis_key), "n", lease._token,
-                                         int(lease._ttl * 1000))
         except redis.RedisError as exc:
             log_renew.warning("Could not renew %d lease(s): %s; retrying", len(group), exc)
             for lease in group:
@@ -981,6 +975,13 @@ class _Watchdog:
         for lease, reply in zip(group, replies):
             if lease._released:
                 continue
+            if isinstance(reply, redis.RedisError):
+                # NOSCRIPT after a restart, or MOVED after a cluster reshard: once more on its own,
+                # through the lease's client, which loads the script or follows the move.
+                try:
+                    reply = _script(lease._client, _keys(lease.redis_key), "n", lease._token, int(lease._ttl * 1000))
+                except redis.RedisError as exc:
+                    reply = exc
             if isinstance(reply, Exception):
                 log_renew.warning("Could not renew %r: %s", lease.key, reply)
                 lease._renew_at = time.monotonic() + min(lease._ttl / 10.0, 0.5)

@@ -199,6 +199,16 @@ def test_many_leases_are_renewed_together_once_per_period_in_one_round_trip(redi
     assert round_trips <= 2 * periods, round_trips
 
 
+def test_renewal_survives_an_emptied_script_cache(redis_url: str, r: redis.Redis, caplog: Any) -> None:
+    with caplog.at_level(logging.WARNING, logger="single_task"), single_run(
+        key="flushed-while-held", client=redis_url, ttl=0.6
+    ) as lease:
+        r.script_flush()  # as a Redis restart does: the watchdog's pipelined EVALSHA gets NOSCRIPT
+        time.sleep(1.5)
+        assert not lease.lost and r.exists(lease.redis_key)
+    assert "Could not renew" not in caplog.text and "lost" not in caplog.text
+
+
 HOLDER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {root!r})
