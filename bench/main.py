@@ -10,7 +10,11 @@ Phases, in order (each on redis-servers this run started on free loopback ports)
 5. single_task's own Python cost (stub client) and a cProfile of its decorated call.
 6. Script cache: cold, warm, after a Redis restart, after SCRIPT FLUSH (a server of its own).
 7. 1,000 leases held at once in one process: renewal traffic, threads, CPU.
-8. Celery end-to-end: real workers (solo, prefork) draining no-op tasks, decorated vs not.
+8. Producer side: ``send_once`` refusing a duplicate, publishing, and plain ``delay()`` (a server
+   of its own, no worker), interleaved.
+9. ``replicas=1`` against a master with one real replica, next to ``replicas=0`` and the floor
+   (a master and a replica of their own), interleaved.
+10. Celery end-to-end: real workers (solo, prefork) draining no-op tasks, decorated vs not.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from bench import contenders, costs, e2e, handoff, report, scale
+from bench import contenders, costs, e2e, handoff, producer, replicas, report, scale
 from bench.measure import Counts, Timed, count_commands, run_interleaved
 from support.redis_server import RedisServer, redis_server_binary
 
@@ -45,14 +49,16 @@ class Plan:
     expiry_wait_s: float  # longest wait at the end for the many keys' expiries (0: not waited)
     e2e_tasks: int
     e2e_rounds: int
+    producer_batch: int  # send_once phase: calls per contender per round (plan.rounds rounds)
+    replica_batch: int  # replicas=1 phase: cycles per contender per round (plan.rounds rounds)
 
 
 FULL = Plan(rounds=60, batch=100, count_cycles=500, handoff_rounds=60, profile_cycles=20_000, stub_cycles=50_000,
             held_leases=1000, held_ttl=3.0, held_window_s=5.0, many_keys=10_000, many_keys_ttl=1.0,
-            expiry_wait_s=90.0, e2e_tasks=3000, e2e_rounds=3)
+            expiry_wait_s=90.0, e2e_tasks=3000, e2e_rounds=3, producer_batch=50, replica_batch=100)
 QUICK = Plan(rounds=6, batch=20, count_cycles=50, handoff_rounds=4, profile_cycles=2000, stub_cycles=5000,
              held_leases=200, held_ttl=3.0, held_window_s=1.5, many_keys=1000, many_keys_ttl=1.0,
-             expiry_wait_s=0.0, e2e_tasks=300, e2e_rounds=1)
+             expiry_wait_s=0.0, e2e_tasks=300, e2e_rounds=1, producer_batch=10, replica_batch=20)
 
 E2E_POOLS = [("solo", 1), ("prefork", 2)]
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
@@ -87,33 +93,41 @@ def main(argv: Optional[list[str]] = None) -> int:
         data["redis_version"] = main_server.client().info("server")["redis_version"]
         host, port = "127.0.0.1", main_server.port
 
-        _log(f"1/8 {plan.many_keys} distinct keys (ttl {plan.many_keys_ttl}s)")
+        _log(f"1/10 {plan.many_keys} distinct keys (ttl {plan.many_keys_ttl}s)")
         data["many_keys"] = scale.many_keys(keys_server, plan.many_keys, plan.many_keys_ttl)
 
-        _log("2/8 commands and round trips per cycle")
+        _log("2/10 commands and round trips per cycle")
         data["counts"], data["unavailable"] = _count_phase(host, port, main_server, plan)
 
-        _log(f"3/8 cycle latency, {plan.rounds} interleaved rounds of {plan.batch}")
+        _log(f"3/10 cycle latency, {plan.rounds} interleaved rounds of {plan.batch}")
         data["timed"] = _timing_phase(host, port, plan)
 
-        _log(f"4/8 hand-off latency, {plan.handoff_rounds} interleaved rounds")
+        _log(f"4/10 hand-off latency, {plan.handoff_rounds} interleaved rounds")
         data["handoff"] = handoff.measure_handoffs(host, port, plan.handoff_rounds)
 
-        _log("5/8 single_task's own Python cost, and a profile")
+        _log("5/10 single_task's own Python cost, and a profile")
         data["python_cost"] = costs.python_cost(plan.stub_cycles)
         data["profile"] = costs.profile_decorated(host, port, plan.profile_cycles)
 
-        _log("6/8 script cache: cold, warm, restart, SCRIPT FLUSH")
+        _log("6/10 script cache: cold, warm, restart, SCRIPT FLUSH")
         data["cache"] = scale.script_cache(cache_server)
 
-        _log(f"7/8 {plan.held_leases} leases held at once")
+        _log(f"7/10 {plan.held_leases} leases held at once")
         main_server.client().flushall()
         data["held"] = scale.held_leases(main_server, plan.held_leases, plan.held_ttl, plan.held_window_s)
+
+        _log(f"8/10 producer side: send_once vs delay(), {plan.rounds} interleaved rounds of {plan.producer_batch}")
+        with RedisServer() as broker:
+            data["producer"] = producer.measure_producer(broker, plan.rounds, plan.producer_batch, plan.count_cycles)
+
+        _log(f"9/10 replicas=1 against a master with one replica, {plan.rounds} interleaved rounds of "
+             f"{plan.replica_batch}")
+        data["replicas"] = replicas.measure_replicas(plan.rounds, plan.replica_batch, plan.count_cycles)
 
         if args.skip_e2e:
             data["e2e"] = None
         else:
-            _log(f"8/8 Celery end-to-end: {plan.e2e_tasks} tasks x {plan.e2e_rounds} rounds per pool and variant")
+            _log(f"10/10 Celery end-to-end: {plan.e2e_tasks} tasks x {plan.e2e_rounds} rounds per pool and variant")
             main_server.client().flushall()
             data["e2e"] = e2e.run_e2e(main_server.url, plan.e2e_tasks, plan.e2e_rounds, E2E_POOLS)
 

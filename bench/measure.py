@@ -50,11 +50,13 @@ class Timed:
         return percentile(self.samples, 0.99) / 1000.0
 
 
-def run_interleaved(cycles: dict[str, Cycle], rounds: int, batch: int, warmup: int = 20) -> dict[str, Timed]:
+def run_interleaved(cycles: dict[str, Cycle], rounds: int, batch: int, warmup: int = 20,
+                    after_round: Optional[Callable[[], None]] = None) -> dict[str, Timed]:
     """Time ``batch`` cycles of each contender per round, contenders in turn, for ``rounds`` rounds.
 
     The starting contender rotates each round, so no one always runs right after the same
     neighbour. A contender that raises is dropped from later rounds, with its error kept.
+    ``after_round`` (untimed) runs after the warm-up and after every round, e.g. to empty a queue.
     """
     results = {name: Timed() for name in cycles}
     names = list(cycles)
@@ -64,6 +66,8 @@ def run_interleaved(cycles: dict[str, Cycle], rounds: int, batch: int, warmup: i
                 cycles[name]()
         except Exception as exc:
             results[name].error = f"{type(exc).__name__}: {exc}"
+    if after_round is not None:
+        after_round()
     clock = time.perf_counter_ns
     for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
@@ -80,6 +84,8 @@ def run_interleaved(cycles: dict[str, Cycle], rounds: int, batch: int, warmup: i
                     samples.append(clock() - t0)
             except Exception as exc:
                 timed.error = f"{type(exc).__name__}: {exc}"
+        if after_round is not None:
+            after_round()
     return results
 
 

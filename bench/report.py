@@ -9,11 +9,14 @@ import time
 from importlib import metadata
 from typing import Any, Optional
 
+from bench import producer, replicas
 from bench.contenders import CONTENDERS, Contender
 from bench.costs import Profile, PythonCost
 from bench.e2e import PoolResult
 from bench.handoff import NOT_WAITING, WAITERS, HandoffResult
 from bench.measure import Counts, Timed, format_counts
+from bench.producer import ProducerResult
+from bench.replicas import ReplicaResult
 from bench.scale import CacheResult, HeldResult, KeysResult
 
 TITLE = "# single_task benchmark"
@@ -86,7 +89,9 @@ def render(data: dict[str, Any]) -> str:
              _cycle_table(timed, counts, data["unavailable"], "cycle"), "",
              "### Busy key: one attempt that must not run the body", "",
              _cycle_table(timed, counts, data["unavailable"], "busy"), "",
-             _handoff(data["handoff"]), "", _e2e(data["e2e"], data["plan"]), "", _held(data["held"]), "",
+             _handoff(data["handoff"]), "", _replicas(data["replicas"], data["plan"]), "",
+             _producer(data["producer"], data["plan"]), "", _e2e(data["e2e"], data["plan"]), "",
+             _held(data["held"]), "",
              _many_keys(data["many_keys"]), "", _cache(data["cache"]), "",
              _where_time_goes(data), ""]
     return "\n".join(parts)
@@ -214,10 +219,34 @@ def _targets(data: dict[str, Any]) -> str:
         rows.append(["Celery solo pool: decorated ≥ 0.85× undecorated tasks/s", "not measured", "n/a",
                      solo.error if solo and solo.error else "skipped"])
 
+    rows.append(_producer_target(data["producer"]))
+    rows.append(_replicas_target(data["replicas"]))
     rows.append(_cache_target(data["cache"]))
     rows.extend(_held_targets(data["held"]))
     rows.append(_keys_target(data["many_keys"]))
     return "## Targets\n\n" + table(["target", "measured", "verdict", "by how much"], rows)
+
+
+def _producer_target(res: ProducerResult) -> list[str]:
+    label = "`send_once` with a message for the key already queued: one round trip, nothing published"
+    k, sent = res.counts.get(producer.REFUSED), res.published.get(producer.REFUSED)
+    if k is None or sent is None:
+        return [label, "not measured", "n/a", res.error or "not run"]
+    ok = abs(k.round_trips - 1.0) < 1e-9 and sent == 0
+    return [label, f"{_f(k.round_trips, 2)} round trip(s) ({format_counts(k.client)}), "
+                   f"{_f(sent, 2)} messages published per call", _verdict(ok),
+            f"{k.round_trips - 1:+.2f} round trips, {sent:+.2f} messages"]
+
+
+def _replicas_target(res: ReplicaResult) -> list[str]:
+    label = "`replicas=1`: `WAIT` rides in the acquire's round trip (uncontended cycle: 2 round trips, as replicas=0)"
+    k1, k0 = res.counts.get(replicas.ST1), res.counts.get(replicas.ST0)
+    if k1 is None or k0 is None:
+        return [label, "not measured", "n/a", res.error or res.unavailable.get(replicas.ST1, "not run")]
+    ok = abs(k1.round_trips - 2.0) < 1e-9 and abs(k0.round_trips - 2.0) < 1e-9
+    return [label, f"replicas=1: {_f(k1.round_trips, 2)} ({format_counts(k1.client)}); "
+                   f"replicas=0: {_f(k0.round_trips, 2)} ({format_counts(k0.client)})", _verdict(ok),
+            f"{k1.round_trips - k0.round_trips:+.2f} round trips over replicas=0"]
 
 
 def _cache_rts(step: Any) -> int:
@@ -293,6 +322,107 @@ def _handoff(hand: dict[str, HandoffResult]) -> str:
             "settings throughout. Clock: `time.monotonic_ns()` in both processes (CLOCK_MONOTONIC).\n\n"
             + table(["waiter", "mechanism", "median ms", "p90 ms", "p99 ms", "median × single_task", "samples",
                      "note"], rows))
+
+
+def _replicas(res: ReplicaResult, plan: Any) -> str:
+    head = ("## `replicas=1`: uncontended cycle against a master with one replica\n\n"
+            "A master and one replica (`--replicaof`) on loopback, servers of their own (the master runs with "
+            "`--repl-diskless-sync-delay 0`, so the initial sync does not wait 5 s for more replicas; the "
+            f"replica synced in {res.sync_s:.2f} s). Every contender runs {plan.replica_batch} cycles per round, "
+            f"contenders in turn (the first one rotates), for {plan.rounds} rounds, each on its own key and its "
+            "own redis-py client of the master. With `replicas=1` the acquire script and `WAIT 1 1000` go in one "
+            "pipeline; the release is not waited for. With `replicas=0` (and for the floor) the master still "
+            "replicates every write, asynchronously. Round trips and commands are counted as in the lock cycle "
+            f"tables over {plan.count_cycles} separate cycles.\n\n")
+    if res.error and not res.timed:
+        return head + f"Failed: {res.error}"
+    floor, st0 = res.timed.get(replicas.FLOOR), res.timed.get(replicas.ST0)
+    rows = []
+    for name in replicas.NAMES:
+        t, k = res.timed.get(name), res.counts.get(name)
+        if t is None or not t.samples:
+            why = res.unavailable.get(name) or (f"failed: {t.error}" if t and t.error else None)
+            rows.append([name] + ["—"] * 10 + [why or "not run"])
+            continue
+        vs_floor = _ratios(t, floor)
+        vs_st0 = _ratios(t, st0) if name in (replicas.ST0, replicas.ST1) else ("—", "—")
+        note = "REPLCONF: the replica's ACK to the master's GETACK" if k and k.server.get("REPLCONF", 0) >= 0.5 else ""
+        if t.error:
+            note = (note + "; " if note else "") + f"stopped: {t.error}"
+        rows.append([name, _f(t.median_us), _f(t.p99_us), *vs_floor, *vs_st0,
+                     _f(k.round_trips, 2) if k else "—", format_counts(k.client) if k else "—",
+                     format_counts(k.server) if k else "—", _f(k.server_usec) if k else "—", note])
+    out = head + table(["contender", "median µs", "p99 µs", "median × floor", "p99 × floor", "median × replicas=0",
+                        "p99 × replicas=0", "round trips", "client commands", "server commands (incl. inside scripts)",
+                        "server µs", "note"], rows)
+    added = [(a, b) for a, b in ((replicas.ST1, replicas.ST0), (replicas.FLOOR_WAIT, replicas.FLOOR))
+             if _has(res.timed, a) and _has(res.timed, b)]
+    if added:
+        out += "\n\nMedian µs added by waiting for the replica: " + "; ".join(
+            f"{_short(a)} − {_short(b)}: {res.timed[a].median_us - res.timed[b].median_us:+,.1f} µs"
+            for a, b in added) + "."
+    out += ("\n\n*Server µs* leaves out the time a `WAIT` is blocked for the replica's acknowledgement: "
+            "commandstats counts only the command's own execution." if any(k.server.get("WAIT")
+                                                                           for k in res.counts.values()) else "")
+    if res.lag_end is not None:
+        out += (f" The replica was {res.lag_end:,} bytes of replication stream behind the master 0.1 s after the "
+                "last round.")
+    if res.error:
+        out += f"\n\nStopped: {res.error}"
+    return out
+
+
+def _producer(res: ProducerResult, plan: Any) -> str:
+    head = ("## Producer side: `send_once` refusing a duplicate, vs a plain `delay()`\n\n"
+            "One Celery app (Redis broker on a redis-server of its own, JSON, no result backend, no worker) and one "
+            "task decorated `@single_run(key=\"bench:send:{n}\")`; all three contenders call it, so only the "
+            f"producer path differs. {plan.producer_batch} calls per contender per round, contenders in turn (the "
+            f"first one rotates), for {plan.rounds} rounds. The refused calls find the marker of one message "
+            "that waits in a queue of its own throughout; the publishing `send_once` uses a fresh `n` every call. "
+            "After every round (untimed) the broker queue and the publishing calls' markers are deleted. Round "
+            f"trips and commands are counted as in the lock cycle tables over {plan.count_cycles} separate calls; "
+            "*messages published* is the queue's length after those calls, per call.\n\n")
+    if res.error and not res.timed:
+        return head + f"Failed: {res.error}"
+    base = res.timed.get(producer.DELAY)
+    rows = []
+    for name in producer.NAMES:
+        t, k = res.timed.get(name), res.counts.get(name)
+        if t is None or not t.samples:
+            why = (t.error if t else None) or res.error
+            rows.append([name] + ["—"] * 9 + [f"failed: {why}" if why else "not run"])
+            continue
+        sent = res.published.get(name)
+        rows.append([name, _f(t.median_us), _f(t.p99_us), *_ratios(t, base),
+                     _f(k.round_trips, 2) if k else "—", format_counts(k.client) if k else "—",
+                     format_counts(k.server) if k else "—", _f(k.server_usec) if k else "—",
+                     _f(sent, 2) if sent is not None else "—", f"stopped: {t.error}" if t.error else ""])
+    out = head + table(["call", "median µs", "p99 µs", "median × `delay()`", "p99 × `delay()`", "round trips",
+                        "client commands", "server commands (incl. inside scripts)", "server µs",
+                        "messages published per call", "note"], rows)
+    before, after = res.used_memory
+    if before:
+        out += ("\n\nBroker server used_memory before the timed rounds / after the last round's cleanup: "
+                f"{before:,} B / {after:,} B; keys left: " + ", ".join(f"`{k}`" for k in res.keys_at_end) + ".")
+    if res.error:
+        out += f"\n\nStopped: {res.error}"
+    return out
+
+
+def _has(timed: dict[str, Timed], name: str) -> bool:
+    t = timed.get(name)
+    return bool(t and t.samples)
+
+
+def _ratios(t: Timed, base: Optional[Timed]) -> tuple[str, str]:
+    if base is None or not base.samples:
+        return "n/a", "n/a"
+    return _x(t.median_us / base.median_us), _x(t.p99_us / base.p99_us)
+
+
+def _short(name: str) -> str:
+    return {replicas.ST1: "replicas=1", replicas.ST0: "replicas=0", replicas.FLOOR_WAIT: "floor + WAIT",
+            replicas.FLOOR: "floor"}.get(name, name)
 
 
 def _e2e(results: Optional[list[PoolResult]], plan: Any) -> str:
