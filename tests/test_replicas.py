@@ -14,7 +14,8 @@ from support.redis_server import RedisServer
 
 @pytest.fixture(scope="module")
 def pair() -> Iterator[tuple[RedisServer, RedisServer]]:
-    with RedisServer() as master:
+    # Without a zero delay, a Redis 7 master waits 5 s for more replicas before the first sync.
+    with RedisServer("--repl-diskless-sync-delay", "0") as master:
         with RedisServer("--replicaof", "127.0.0.1", str(master.port)) as replica:
             deadline = time.monotonic() + 10
             while replica.client().info("replication").get("master_link_status") != "up":
