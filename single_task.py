@@ -838,7 +838,7 @@ def _socket_budget(client: Any) -> float:
     return _WAIT_SLICE if not socket_timeout else max(0.05, float(socket_timeout) * 0.8)
 
 
-def _release(lease: Lease, mode: str) -> int:
+def _release(lease: Lease, mode: str, warn: bool = True) -> int:
     """Give the lease back (owner-checked); returns one of the _RELEASED... outcomes."""
     if lease.fail_open:
         return _RELEASED
@@ -852,14 +852,16 @@ def _release(lease: Lease, mode: str) -> int:
         )
     except redis.RedisError as exc:
         _watchdog.discard(lease)
-        log_release.warning(
-            "Could not release %r (%s); it expires by itself within %.1fs", lease.key, exc, lease.time_left
-        )
+        if warn:
+            log_release.warning(
+                "Could not release %r (%s); it expires by itself within %.1fs", lease.key, exc, lease.time_left
+            )
         return _UNCONFIRMED
     if outcome == _RERUN:
         lease._deadline = sent + lease._ttl
         lease._renew_at = sent + lease._ttl / 3.0
         lease._released = False
+        _watchdog.add(lease)  # a retried release may have dropped it from the watchdog
         return _RERUN
     _watchdog.discard(lease)
     if outcome == _NOT_OWNER:
@@ -1416,6 +1418,8 @@ def _run(
                     _pass_on_rerun(spec, fn, lease, task, args, kwargs, exc)
                 raise
             outcome = _release(lease, "end")
+            if outcome == _UNCONFIRMED and policy == "rerun":
+                outcome = _release_patiently(lease)
             if outcome == _RERUN:
                 retakes = 0
                 log_acquire.info("Running %r again: a rerun was requested during the last run", key)
@@ -1427,12 +1431,7 @@ def _run(
             retakes += 1
             _current.reset(context_token)  # the lost lease is no longer ours: not a nested use
             context_token = _current.set(lease._parent)
-            try:
-                again = _acquire(spec, key, "rerun", task)
-            except RedisUnavailable as exc:
-                log_release.warning("Lease on %r was lost, and reruns requested during the run may be "
-                                    "lost with it: %s", key, exc.message)
-                return result
+            again = _retake(spec, key, task)
             if again is None:
                 return result
             log_acquire.info("Running %r again: its lease was lost, and rerun requests with it", key)
@@ -1442,6 +1441,33 @@ def _run(
             context_token = _current.set(lease)
     finally:
         _current.reset(context_token)
+
+
+def _release_patiently(lease: Lease) -> int:
+    """Retry a release that Redis did not answer while the lease may still be alive there: only
+    its holder can see a rerun it owes. (A release that did get through retries as NOT_OWNER.)"""
+    outcome = _UNCONFIRMED
+    while outcome == _UNCONFIRMED and time.monotonic() < lease._deadline:
+        time.sleep(0.05)
+        outcome = _release(lease, "end", warn=False)
+    return outcome
+
+
+def _retake(spec: single_run, key: str, task: Any) -> Optional[Lease]:
+    """After a lost lease, take the key again, or ask its new holder for a rerun (None). Redis may
+    be restarting: keep trying for one ttl before giving up with a WARNING."""
+    give_up = time.monotonic() + spec.ttl
+    while True:
+        try:
+            return _acquire(spec, key, "rerun", task)
+        except RedisUnavailable as exc:
+            if time.monotonic() >= give_up:
+                log_release.warning(
+                    "Lease on %r was lost, and reruns requested during the run may be lost with it: %s",
+                    key, exc.message,
+                )
+                return None
+        time.sleep(0.1)
 
 
 def _busy_retry(spec: single_run, task: Any, exc: AlreadyRunning) -> Any:

@@ -252,9 +252,11 @@ def rerun_requests(rec: Record, ttl: float, slack: float, policy: str,
             due = owner.killed_at + (redelivery_s if owner.pid in worker_kills else ttl + 2.0) + slack
         elif owner.lost:
             # The holder learns at release that its lease is gone (a release may wait out a Redis
-            # pause); its call then takes the key and runs before returning, or passes a request
-            # on to the run holding the key when it returns, which runs again when it ends.
-            back = max(owner.stop, returned.get((owner.pid, owner.call_id), owner.stop))
+            # pause or restart); its call then takes the key and runs again (its next iteration),
+            # or passes a request on to the run holding the key, which runs again when it ends.
+            own_next = [r for r in runs if (r.pid, r.call_id, r.it) == (owner.pid, owner.call_id, owner.it + 1)]
+            back = max(owner.stop, returned.get((owner.pid, owner.call_id), owner.stop),
+                       *(r.start for r in own_next))
             busy = [r for r in runs if r is not owner and r.start <= back <= r.stop]
             due = max([back, *(r.stop for r in busy)]) + slack
         else:

@@ -433,6 +433,25 @@ def test_a_rerun_request_lost_with_the_holders_lease_is_still_served(redis_url: 
     assert not r.exists("single_task:{rr-lost}")
 
 
+def test_a_rerun_holder_whose_release_finds_redis_restarting_still_runs_again(fresh_server: Any) -> None:
+    # Redis goes down at the end of the run and comes back empty: the release is retried until
+    # it is answered (the lease is gone with the data, and any rerun request with it), and the
+    # holder takes the key again and runs once more.
+    runs: list[int] = []
+
+    @single_run(key="rr-restart", client=fresh_server.url, on_busy="rerun", ttl=2.0)
+    def job() -> str:
+        runs.append(1)
+        if len(runs) == 1:
+            fresh_server.stop()
+            threading.Timer(0.5, fresh_server.start).start()
+        return "ran"
+
+    assert job() == "ran"
+    assert len(runs) == 2
+    assert not fresh_server.client().exists("single_task:{rr-restart}")
+
+
 def test_a_holder_that_keeps_losing_its_lease_takes_the_key_again_a_bounded_number_of_times(
     redis_url: str, r: redis.Redis
 ) -> None:
