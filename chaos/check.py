@@ -250,6 +250,11 @@ def rerun_requests(rec: Record, ttl: float, slack: float, policy: str,
         elif killed:
             assert owner.killed_at is not None
             due = owner.killed_at + (redelivery_s if owner.pid in worker_kills else ttl + 2.0) + slack
+            # The redelivered message may wait for a free pool process (all can be busy with long
+            # runs or waits): from when it starts, it waits out the dead lease (ttl) and runs.
+            again = [b.t0 for b in rec.attempts if b.call_id == owner.call_id and b.redelivered and b.t0 > a.t0]
+            if again:
+                due = max(due, min(again) + ttl + slack)
         elif owner.lost:
             # The holder learns at release that its lease is gone (a release may wait out a Redis
             # pause or restart); its call then takes the key and runs again (its next iteration),
