@@ -227,6 +227,7 @@ class single_run:  # noqa: N801 - used like a function: @single_run(...) and wit
     ) -> None:
         self.ttl = _check_seconds("ttl", ttl, minimum=0.01)
         self._ttl_ms = int(self.ttl * 1000)
+        self._alive_ms = _alive_ms(self.ttl)
         if on_busy not in _POLICIES:
             raise ConfigurationError(
                 f"on_busy={on_busy!r} is not a policy; use one of {', '.join(map(repr, _POLICIES))}"
@@ -591,6 +592,7 @@ _UNCONFIRMED: Final = -1  # Redis did not answer the release: it expires by itse
 # How many times in a row a rerun-policy run takes its key again after finding its lease lost.
 _RETAKES: Final = 3
 _RELEASE_MODE: Final = {"end": "e", "abort": "a", "cancel": "c"}
+_BUSY_CODE: Final = {"rerun": "r", "wait": "w"}  # what a busy acquire asks for; "t": nothing
 
 # The longest single BLPOP of a waiter: it re-polls at least this often, which keeps its place in
 # the queue alive and stays under the socket timeout of the clients built here.
@@ -680,8 +682,8 @@ def _acquire(spec: single_run, key: str, policy: str, task: Any) -> Optional[Lea
         task_id = getattr(task.request, "id", None) or ""
     holder = {"host": _HOST, "pid": _holder.pid, "task_id": task_id or None}
     holder_id = _holder.text
-    busy = {"rerun": "r", "wait": "w"}.get(policy, "t")
-    alive_ms = _alive_ms(spec.ttl)
+    busy = _BUSY_CODE.get(policy, "t")
+    alive_ms = spec._alive_ms
     # The deadline is counted from before the request is sent: the server's TTL can only have
     # started later, so this holder never believes in the lease longer than Redis keeps it.
     sent = time.monotonic()
@@ -765,7 +767,7 @@ def _wait(
                 break
             proof = sent_block
             sent_poll = time.monotonic()
-            reply = _script(client, keys, "a", token, spec._ttl_ms, task_id, holder_id, "w", _alive_ms(spec.ttl))
+            reply = _script(client, keys, "a", token, spec._ttl_ms, task_id, holder_id, "w", spec._alive_ms)
         except redis.RedisError as exc:
             _script_quietly(client, keys, token, spec._ttl_ms, task_id)
             raise RedisUnavailable(f"lost touch with Redis while waiting for {key!r}: {exc}", key) from exc
@@ -1086,11 +1088,11 @@ def _client_for_url(url: str) -> Any:
         if client is None:
             # redis-py pools notice a fork by pid and reconnect in the child, so one pool per URL
             # per process is safe. Timeouts keep a dead or paused server from hanging a run. One
-            # immediate retry reconnects a dropped connection; redis-py's default (up to ten with
-            # backoff, seconds in all) would hold a release or renewal past the lease it serves.
-            client = redis.Redis.from_url(
-                url, socket_connect_timeout=5.0, socket_timeout=10.0, retry=Retry(NoBackoff(), 1)
-            )
+            # immediate retry reconnects a dropped connection (not a timeout: a silent server
+            # would cost two); redis-py's default, up to ten retries with backoff, would hold a
+            # release or renewal past the lease it serves.
+            retry = Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
+            client = redis.Redis.from_url(url, socket_connect_timeout=5.0, socket_timeout=10.0, retry=retry)
             _clients[url] = client
         return client
 
@@ -1188,7 +1190,9 @@ class _KeyRenderer:
         self.by_name = None if varkw else {p.name for p in params if p.kind in (kinds.POSITIONAL_OR_KEYWORD,
                                                                                 kinds.KEYWORD_ONLY)}
         self.positional_names = tuple(p.name for p in positional if p.kind == kinds.POSITIONAL_OR_KEYWORD)
-        self.required = [(i, p.name) for i, p in enumerate(positional) if p.default is p.empty]
+        # Required positional parameters come first, so a call with at least that many positional
+        # arguments has them all: the common case costs one comparison.
+        self.required = [p.name for p in positional if p.default is p.empty]
         self.required_kw = [p.name for p in params if p.kind == kinds.KEYWORD_ONLY and p.default is p.empty]
 
     def check_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any], partial: bool = False) -> None:
@@ -1201,9 +1205,10 @@ class _KeyRenderer:
                 name in kwargs for name in self.positional_names[:n]
             )
         if fits and not partial:
-            fits = all(i < n or name in kwargs for i, name in self.required) and all(
-                name in kwargs for name in self.required_kw
-            )
+            if n < len(self.required):
+                fits = all(name in kwargs for name in self.required[n:])
+            if fits and self.required_kw:
+                fits = all(name in kwargs for name in self.required_kw)
         if not fits:
             (self.signature.bind_partial if partial else self.signature.bind)(*args, **kwargs)
 

@@ -509,6 +509,16 @@ def test_every_key_the_library_writes_has_an_expiry(redis_url: str, r: redis.Red
 # -- 6. Redis errors fail closed -------------------------------------------------------------------------
 
 
+def test_dropped_connections_are_reconnected_without_an_error_or_a_pause(redis_url: str, r: redis.Redis) -> None:
+    job = single_run(key="dropped", client=redis_url)(lambda: "ran")
+    assert job() == "ran"  # the pool now holds an open connection
+    for _ in range(3):
+        r.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        start = time.monotonic()
+        assert job() == "ran"
+        assert time.monotonic() - start < 0.5  # one immediate retry, no backoff
+
+
 def test_unreachable_redis_fails_closed_with_the_key_in_the_error() -> None:
     from support.redis_server import free_port
 
