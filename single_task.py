@@ -428,7 +428,8 @@ def is_queued(task: Any, *args: Any, **kwargs: Any) -> bool:
 # ARGV[1] is the operation:
 #   a  acquire: take the key if free; if busy, return its PTTL and (by ARGV[6]) ask the holder
 #      for a rerun or join the wait queue. A holder with the caller's Celery task id is the
-#      caller's own previous attempt, releasing after self.retry(): the caller always waits.
+#      caller's own previous attempt, releasing after self.retry(): the caller always waits (and
+#      asks for a rerun too under 'rerun': the holder may be the same message, delivered again).
 #   n  renew: replace the TTL, only if the caller still owns the key.
 #   r  release, only by the owner: run again if a rerun is owed and ARGV[4] is 'e'; otherwise
 #      delete, then hand the key straight to the first live waiter ('c' cancels a wait first).
@@ -535,7 +536,10 @@ if op == 'a' then
   end
   local own = 0
   if tid ~= '' and cur[2] == tid then
+    -- Our own task id: a retry, or the broker delivering a running message again. Wait for the
+    -- hand-off, and under 'rerun' also ask for a rerun, in case the holder runs on instead.
     own = 1
+    if busy == 'r' then redis.call('HSET', lease, 'r', '1') end
     busy = 'w'
   end
   local pttl = redis.call('PTTL', lease)

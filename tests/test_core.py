@@ -433,6 +433,20 @@ def test_a_rerun_request_lost_with_the_holders_lease_is_still_served(redis_url: 
     assert not r.exists("single_task:{rr-lost}")
 
 
+def test_a_second_delivery_of_the_holders_own_task_under_rerun_is_not_lost(redis_url: str, r: redis.Redis) -> None:
+    # A broker that redelivers a message still running (its visibility timeout ran out) gives the
+    # new run the holder's own task id. It waits for a hand-off as a retry would, and under
+    # "rerun" it also asks for a rerun, so that the holder running on keeps the request.
+    client = redis.Redis.from_url(redis_url)
+    keys = single_task._keys(single_task._lease_key("single_task:", "own"))
+    holder, again = "a" * 32, "b" * 32
+    assert single_task._script(client, keys, "a", holder, 30_000, "task-1", "1@h", "r", 5000)[0] == 1
+    reply = single_task._script(client, keys, "a", again, 30_000, "task-1", "2@h", "r", 5000)
+    assert reply[0] == 0 and reply[2] == 1  # busy, and it is our own task: wait for the hand-off
+    assert r.hget("single_task:{own}", "r") == "1"
+    assert single_task._script(client, keys, "r", holder, 30_000, "e") == single_task._RERUN
+
+
 def test_a_rerun_holder_whose_release_finds_redis_restarting_still_runs_again(fresh_server: Any) -> None:
     # Redis goes down at the end of the run and comes back empty: the release is retried until
     # it is answered (the lease is gone with the data, and any rerun request with it), and the
