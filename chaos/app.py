@@ -30,7 +30,7 @@ TTL = float(os.environ.get("CHAOS_TTL", "2"))
 WAIT_TIMEOUT = 3 * TTL
 # Unacked messages of a worker that died whole come back after this many seconds. It must exceed
 # the longest time one acks_late task can hold its message (a run, its reruns and a wait).
-VISIBILITY_TIMEOUT = float(os.environ.get("CHAOS_VISIBILITY_TIMEOUT", "30"))
+VISIBILITY_TIMEOUT = float(os.environ.get("CHAOS_VISIBILITY_TIMEOUT", "60"))
 
 # policy name -> (task name, key prefix, number of keys); ten keys in all.
 POLICIES: dict[str, tuple[str, str, int]] = {

@@ -40,7 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TTL = 2.0
 SLACK = 0.5
 PAUSE_S = 3.5  # > ttl, so every lease expires while the server is stopped; < the 10 s socket timeout
-VISIBILITY_TIMEOUT = 30.0
+VISIBILITY_TIMEOUT = 60.0  # > the longest a message is held: a rerun chain under the flood reached 38 s
 LEASE_PREFIX = "single_task:"
 # How late the message of a worker killed whole comes back: the visibility timeout, two rounds of
 # the restore scan (every 2 s, see chaos/app.py), then a dead lease's ttl and the queue.
