@@ -921,6 +921,7 @@ class _Watchdog:
 
     def __init__(self) -> None:
         self._leases: dict[int, Lease] = {}
+        self._twins: dict[int, tuple[Any, Any]] = {}
         self._cond = threading.Condition(threading.Lock())
         self._wake_at = math.inf
         self._thread: Optional[threading.Thread] = None
@@ -958,7 +959,7 @@ class _Watchdog:
         due = [le for le in leases if le._renew_at - le._ttl / 6.0 <= now]
         by_node: dict[int, tuple[Any, list[Lease]]] = {}
         for lease in due:
-            node = _node_client(lease._client, lease.redis_key)
+            node = self._own_client(_node_client(lease._client, lease.redis_key))
             by_node.setdefault(id(node), (node, []))[1].append(lease)
         for node, group in by_node.values():
             self._renew(node, group)
@@ -967,6 +968,23 @@ class _Watchdog:
             if now >= lease._deadline and not lease._released:
                 self.discard(lease)
                 _lose(lease, f"renewal not confirmed within its {lease._ttl}s lease")
+
+    def _own_client(self, client: Any) -> Any:
+        """The client the watchdog sends through. Under gevent it is a twin with a pool of its
+        own: the watchdog is a real OS thread, and a gevent socket opened by a greenlet of the
+        main thread cannot be used from another thread ("Cannot switch to a different thread")."""
+        if not _gevent_sockets():
+            return client
+        found = self._twins.get(id(client))
+        if found is None:
+            twin = client
+            pool: Any = getattr(client, "connection_pool", None)
+            if type(pool) in (redis.ConnectionPool, redis.BlockingConnectionPool):  # not Sentinel's
+                with contextlib.suppress(Exception):
+                    twin = type(client)(connection_pool=type(pool)(connection_class=pool.connection_class,
+                                                                   **pool.connection_kwargs))
+            found = self._twins[id(client)] = (client, twin)  # the client is kept so its id stays its own
+        return found[1]
 
     def _renew(self, node: Any, group: list[Lease]) -> None:
         sent = time.monotonic()
@@ -1000,6 +1018,17 @@ class _Watchdog:
             else:
                 self.discard(lease)
                 _lose(lease, "at renewal the key was gone or held by another owner")
+
+
+def _gevent_sockets() -> bool:
+    """True when gevent has patched ``socket`` in this process."""
+    if "gevent" not in sys.modules:
+        return False
+    try:
+        from gevent import monkey
+    except ImportError:
+        return False
+    return bool(monkey.is_module_patched("socket"))
 
 
 def _start_thread(target: Callable[[], None], name: str) -> threading.Thread:
