@@ -1040,7 +1040,9 @@ def _start_thread(target: Callable[[], None], name: str) -> threading.Thread:
             if monkey.is_module_patched("threading"):
                 start_new = monkey.get_original("_thread", "start_new_thread")
                 start_new(target, ())
-                return cast(threading.Thread, None)  # not joinable; it lives as long as the process
+                # Not joinable, but not None either: the watchdog must see it as started, or it
+                # starts a new OS thread for every lease.
+                return threading.main_thread()
         except ImportError:
             pass
     thread = threading.Thread(target=target, name=name, daemon=True)
@@ -1724,7 +1726,7 @@ def _cli_client(args: Any) -> Any:
         if url.startswith("unix://"):
             raise _CliError("--cluster needs a redis:// or rediss:// URL of one cluster node")
         try:
-            client = redis.RedisCluster.from_url(url, socket_connect_timeout=5.0, socket_timeout=10.0)
+            client = cast(Any, redis.RedisCluster).from_url(url, socket_connect_timeout=5.0, socket_timeout=10.0)
         except redis.exceptions.RedisClusterException as exc:  # it connects to discover the nodes
             raise _CliError(f"cannot reach the Redis Cluster at {args.where}: {exc}") from exc
     else:

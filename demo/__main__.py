@@ -7,6 +7,7 @@ waits for every result, prints the counts, and stops what it started.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -61,4 +62,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # os._exit: on Celery < 5.7 result objects try to reconnect to the stopped server at exit.
+    code = main()
+    sys.stdout.flush()
+    os._exit(code)
