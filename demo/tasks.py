@@ -1,33 +1,43 @@
-"""The demo's Celery app: two tasks that take longer than the producer waits between sends."""
+"""The demo's Celery app: two tasks that take longer than the producer waits between sends.
+
+Every task records, in the demo's own Redis, when it arrived at the worker (before the lease is
+asked for) and, for every run of its body, the run's start and end and the task's id. A rerun runs
+the body again inside the same task, so a task id that appears twice among the runs is a rerun.
+``python -m demo`` checks its claims against these records.
+"""
 
 from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 import redis
-from celery import Celery
+from celery import Celery, current_task
+from celery.signals import task_prerun
 
-from single_task import current_lease, single_run
+from single_task import single_run
 
 URL = os.environ.get("SINGLE_TASK_TEST_URL", "redis://127.0.0.1:6379/0")
 app = Celery("demo", broker=URL, backend=URL)
 app.conf.update(worker_prefetch_multiplier=1, broker_connection_retry_on_startup=True, worker_hijack_root_logger=False)
 stats = redis.Redis.from_url(URL)
 
+RUN_SECONDS = 0.05
 
-def _work(kind: str, key: str, seconds: float) -> bool:
-    lease = current_lease()
-    assert lease is not None
-    active = stats.incr(f"demo:active:{key}")
-    stats.eval("if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then "
-               "redis.call('SET', KEYS[1], ARGV[1]) end", 1, f"demo:max:{kind}", active)
-    # A rerun keeps its lease, so it has the fence of the run before it.
-    if not stats.sadd(f"demo:fences:{kind}", lease.fence):
-        stats.incr(f"demo:reruns:{kind}")
-    stats.incr(f"demo:runs:{kind}")
-    time.sleep(seconds)
-    stats.decr(f"demo:active:{key}")
+
+def arrivals_key(kind: str, account_id: int) -> str:
+    return f"demo:arrived:{kind}:{account_id}"
+
+
+def runs_key(kind: str, account_id: int) -> str:
+    return f"demo:runs:{kind}:{account_id}"
+
+
+def _run(kind: str, account_id: int) -> bool:
+    started = time.time()
+    time.sleep(RUN_SECONDS)
+    stats.rpush(runs_key(kind, account_id), f"{started!r} {time.time()!r} {current_task.request.id}")
     return True
 
 
@@ -35,7 +45,7 @@ def _work(kind: str, key: str, seconds: float) -> bool:
 @single_run(key="report:{account_id}", ttl=10, on_busy="skip")
 def build_report(account_id: int) -> bool:
     """Skip: a call that finds the account busy returns at once; the running one is enough."""
-    return _work("skip", f"report:{account_id}", 0.05)
+    return _run("skip", account_id)
 
 
 @app.task
@@ -43,4 +53,15 @@ def build_report(account_id: int) -> bool:
 def sync_account(account_id: int) -> bool:
     """Rerun: a call that finds the account busy makes the holder run once more afterwards,
     so the last change is always synced."""
-    return _work("rerun", f"sync:{account_id}", 0.05)
+    return _run("rerun", account_id)
+
+
+KINDS = {build_report.name: "skip", sync_account.name: "rerun"}
+
+
+@task_prerun.connect
+def _arrived(sender: Any = None, args: Any = None, **_: Any) -> None:
+    """The task reached a worker process; the lease has not been asked for yet."""
+    kind = KINDS.get(getattr(sender, "name", None) or "")
+    if kind is not None and args:
+        stats.rpush(arrivals_key(kind, args[0]), repr(time.time()))
