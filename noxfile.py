@@ -34,6 +34,7 @@ FAST = [
     "tests/test_quality.py",
     "tests/test_cli.py",
     "tests/test_replicas.py",
+    "tests/test_readme.py",
 ]
 # Each in a pytest process of its own: their Celery AsyncResults can be garbage-collected after
 # their module's redis-server has stopped, and then Celery < 5.7 retries reconnecting to it for
