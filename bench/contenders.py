@@ -128,6 +128,34 @@ def build_floor(env: Env, key: str) -> Cycle:
     return cycle
 
 
+def build_floor_direct(env: Env, key: str) -> Cycle:
+    """The floor's two commands packed and written straight to one pooled connection.
+
+    No pool checkout, retry wrapper or response callback per command: what the same two round
+    trips cost below redis-py's command layer (for reference; no target uses it).
+    """
+    client = env.client()
+    sha = client.script_load(COMPARE_AND_DELETE)
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    env.stack.callback(pool.release, conn)
+    pack: Any = conn.pack_command
+    send: Any = conn.send_packed_command
+    read: Any = conn.read_response
+    ttl = str(TTL_MS)
+
+    def cycle() -> None:
+        token = _token()
+        send(pack("SET", key, token, "NX", "PX", ttl), False)
+        if read() is None:
+            raise RuntimeError(f"floor (direct): {key!r} unexpectedly busy")
+        send(pack("EVALSHA", sha, 1, key, token), False)
+        if read() != 1:
+            raise RuntimeError(f"floor (direct): {key!r} was not ours at release")
+
+    return cycle
+
+
 def build_floor_busy(env: Env, key: str) -> Cycle:
     client = env.client()
     client.set(key, b"someone-else", px=3_600_000)
@@ -357,6 +385,9 @@ CONTENDERS: list[Contender] = [
     Contender("PING (one round trip)", "unit", build_ping),
     Contender("floor: SET NX PX + EVALSHA compare-and-delete", "cycle", build_floor,
               release=OWNER_CHECKED, renewal="none"),
+    Contender("floor, written straight to a pooled connection", "cycle", build_floor_direct,
+              release=OWNER_CHECKED, renewal="none",
+              note="the same two commands below redis-py's command layer (pack, send, read)"),
     Contender("floor: SET NX PX on a busy key", "busy", build_floor_busy),
     Contender("single_task: `with single_run(...)` block", "cycle", build_st_with,
               release=OWNER_CHECKED, renewal=ST_RENEWAL, note="single_run(...) built per use"),

@@ -1,5 +1,9 @@
-"""Where a single_task cycle's time goes: its own Python (against a stub client that answers
-instantly), and a cProfile of real cycles against Redis."""
+"""Where a single_task cycle's time goes on the client: a cProfile of its decorated call against
+Redis, by function and by package.
+
+(The client's CPU per cycle of every contender is measured in the latency rounds themselves, see
+measure.run_interleaved. An earlier stub-client measurement answered the library's private script
+protocol, which changes with the library; it is gone.)"""
 
 from __future__ import annotations
 
@@ -8,80 +12,11 @@ import os
 import pstats
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import redis
 
-from bench.measure import percentile
 from single_task import single_run
-
-
-class StubClient:
-    """Answers single_task's script calls at once, as an idle Redis would: free key, then released.
-
-    With ``busy=True`` every acquire finds the key held (the skip path).
-    """
-
-    def __init__(self, busy: bool = False) -> None:
-        self.busy = busy
-
-    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
-        op = keys_and_args[numkeys]
-        if op == "a":
-            return [0, 29000, 0] if self.busy else [1, b"1700000000000000"]
-        return 1
-
-    def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> Any:
-        return self.evalsha("", numkeys, *keys_and_args)
-
-
-def _median_ns(cycle: Callable[[], None], n: int) -> float:
-    for _ in range(min(n, 1000)):
-        cycle()
-    clock = time.perf_counter_ns
-    samples = []
-    for _ in range(n):
-        t0 = clock()
-        cycle()
-        samples.append(clock() - t0)
-    return percentile(samples, 0.5)
-
-
-@dataclass
-class PythonCost:
-    """single_task's own Python per cycle, in microseconds, with no I/O at all."""
-
-    decorated_us: float
-    with_us: float
-    skip_us: float
-
-
-def python_cost(n: int) -> PythonCost:
-    stub, busy = StubClient(), StubClient(busy=True)
-
-    @single_run(key="bench:stub", client=stub)
-    def job() -> int:
-        return 1
-
-    @single_run(key="bench:stub-busy", client=busy)
-    def skipped() -> int:
-        return 1
-
-    def with_block() -> None:
-        with single_run(key="bench:stub-with", client=stub):
-            pass
-
-    def decorated() -> None:
-        job()
-
-    def skip() -> None:
-        skipped()
-
-    return PythonCost(
-        decorated_us=_median_ns(decorated, n) / 1000,
-        with_us=_median_ns(with_block, n) / 1000,
-        skip_us=_median_ns(skip, n) / 1000,
-    )
 
 
 @dataclass
@@ -98,6 +33,7 @@ class Profile:
     cycles: int
     wall_us_per_cycle: float  # under the profiler (its overhead included)
     rows: list[ProfileRow] = field(default_factory=list)
+    by_package: dict[str, float] = field(default_factory=dict)  # own µs per cycle, summed per package
 
 
 def profile_decorated(host: str, port: int, cycles: int, top: int = 14) -> Profile:
@@ -122,8 +58,27 @@ def profile_decorated(host: str, port: int, cycles: int, top: int = 14) -> Profi
     for (filename, line, name), (_cc, ncalls, tottime, cumtime, _callers) in raw.items():
         where = f"{_short(filename)}:{line}" if line else _short(filename)
         rows.append(ProfileRow(name, where, ncalls / cycles, tottime / cycles * 1e6, cumtime / cycles * 1e6))
+    by_package: dict[str, float] = {}
+    for (filename, _line, _name), (_cc, _ncalls, tottime, _cumtime, _callers) in raw.items():
+        group = _package(filename)
+        by_package[group] = by_package.get(group, 0.0) + tottime / cycles * 1e6
     rows.sort(key=lambda r: -r.own_us)
-    return Profile(cycles, wall / cycles * 1e6, rows[:top])
+    return Profile(cycles, wall / cycles * 1e6, rows[:top],
+                   dict(sorted(by_package.items(), key=lambda kv: -kv[1])))
+
+
+def _package(filename: str) -> str:
+    """Which code a profiled function belongs to: single_task.py, a site-package, or the stdlib."""
+    if os.path.basename(filename) == "single_task.py":
+        return "single_task.py"
+    marker = "site-packages" + os.sep
+    if marker in filename:
+        return filename.split(marker, 1)[1].split(os.sep, 1)[0]
+    if filename.startswith("<") or filename == "~":
+        return "builtins (C functions: sockets, os, time, …)"
+    if os.sep + "bench" + os.sep in filename:
+        return "bench (the cycle loop)"
+    return "Python standard library"
 
 
 def _short(filename: str) -> str:

@@ -4,17 +4,22 @@ Phases, in order (each on redis-servers this run started on free loopback ports)
 
 1. 10,000 distinct keys acquired and released on a server of their own (early, so that their
    expiries pass while the rest runs; checked again at the end).
-2. Commands and round trips per cycle of every contender (counting only, not timed).
-3. Cycle latency of every contender, interleaved round by round.
-4. Hand-off latency to a waiter in another process, interleaved.
-5. single_task's own Python cost (stub client) and a cProfile of its decorated call.
-6. Script cache: cold, warm, after a Redis restart, after SCRIPT FLUSH (a server of its own).
-7. 1,000 leases held at once in one process: renewal traffic, threads, CPU.
-8. Producer side: ``send_once`` refusing a duplicate, publishing, and plain ``delay()`` (a server
+2. Lock cycle latency of every contender, interleaved round by round, in child processes: once
+   with redis-py's pure-Python parser and once with hiredis (when installed), legs alternating;
+   the first leg of each also counts commands, round trips, server time (``INFO commandstats``)
+   and server CPU per cycle. See ``bench/latency.py``.
+3. Hand-off latency to a waiter in another process, interleaved.
+4. A cProfile of single_task's decorated call (by function and by package).
+5. Script cache: cold, warm, after a Redis restart, after SCRIPT FLUSH (a server of its own).
+6. 1,000 leases held at once in one process: renewal traffic, threads, CPU.
+7. Producer side: ``send_once`` refusing a duplicate, publishing, and plain ``delay()`` (a server
    of its own, no worker), interleaved.
-9. ``replicas=1`` against a master with one real replica, next to ``replicas=0`` and the floor
+8. ``replicas=1`` against a master with one real replica, next to ``replicas=0`` and the floor
    (a master and a replica of their own), interleaved.
-10. Celery end-to-end: real workers (solo, prefork) draining no-op tasks, decorated vs not.
+9. Celery end-to-end: real workers (solo, prefork) draining no-op tasks, undecorated vs the floor
+   lock inline vs decorated, interleaved segment by segment in one worker per run.
+
+A phase that fails is reported as failed, with its error, and the run goes on with the next one.
 """
 
 from __future__ import annotations
@@ -24,44 +29,59 @@ import logging
 import os
 import sys
 import time
+import traceback
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from bench import contenders, costs, e2e, handoff, producer, replicas, report, scale
-from bench.measure import Counts, Timed, count_commands, run_interleaved
+from bench import costs, e2e, handoff, latency, producer, replicas, report, scale
 from support.redis_server import RedisServer, redis_server_binary
 
 
 @dataclass(frozen=True)
 class Plan:
-    rounds: int  # latency: rounds of interleaving
+    rounds: int  # latency: rounds of interleaving per parser (split over the legs)
+    legs: int  # latency: child processes per parser, alternating with the other parser's
     batch: int  # latency: cycles per contender per round
-    count_cycles: int  # cycles per contender under the command counters
+    count_cycles: int  # cycles per contender under the command and server-time counters
     handoff_rounds: int
     profile_cycles: int
-    stub_cycles: int
     held_leases: int
     held_ttl: float
     held_window_s: float
     many_keys: int
     many_keys_ttl: float
     expiry_wait_s: float  # longest wait at the end for the many keys' expiries (0: not waited)
-    e2e_tasks: int
-    e2e_rounds: int
-    producer_batch: int  # send_once phase: calls per contender per round (plan.rounds rounds)
-    replica_batch: int  # replicas=1 phase: cycles per contender per round (plan.rounds rounds)
+    e2e_pools: tuple[tuple[str, int, int, int, int], ...]  # (pool, concurrency, runs, rounds, tasks per segment)
+    e2e_warmup: int  # tasks of each variant before the first mark of a run
+    side_rounds: int  # rounds of the send_once and replicas phases
+    producer_batch: int  # send_once phase: calls per contender per round
+    replica_batch: int  # replicas=1 phase: cycles per contender per round
 
 
-FULL = Plan(rounds=60, batch=100, count_cycles=500, handoff_rounds=60, profile_cycles=20_000, stub_cycles=50_000,
+FULL = Plan(rounds=80, legs=2, batch=100, count_cycles=1000, handoff_rounds=60, profile_cycles=20_000,
             held_leases=1000, held_ttl=3.0, held_window_s=5.0, many_keys=10_000, many_keys_ttl=1.0,
-            expiry_wait_s=90.0, e2e_tasks=3000, e2e_rounds=3, producer_batch=50, replica_batch=100)
-QUICK = Plan(rounds=6, batch=20, count_cycles=50, handoff_rounds=4, profile_cycles=2000, stub_cycles=5000,
+            expiry_wait_s=90.0, e2e_pools=(("solo", 1, 3, 5, 2000), ("prefork", 2, 1, 3, 2000)), e2e_warmup=100,
+            side_rounds=60, producer_batch=50, replica_batch=100)
+QUICK = Plan(rounds=4, legs=2, batch=20, count_cycles=50, handoff_rounds=4, profile_cycles=2000,
              held_leases=200, held_ttl=3.0, held_window_s=1.5, many_keys=1000, many_keys_ttl=1.0,
-             expiry_wait_s=0.0, e2e_tasks=300, e2e_rounds=1, producer_batch=10, replica_batch=20)
+             expiry_wait_s=0.0, e2e_pools=(("solo", 1, 1, 2, 100), ("prefork", 2, 1, 1, 100)), e2e_warmup=20,
+             side_rounds=6, producer_batch=10, replica_batch=20)
 
-E2E_POOLS = [("solo", 1), ("prefork", 2)]
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+PHASES = 9
+
+
+@dataclass
+class PhaseError:
+    """What a phase raised instead of returning its result."""
+
+    phase: str
+    error: str
+    where: str  # the last frames of the traceback
+
+    def __str__(self) -> str:
+        return f"{self.error} ({self.where})" if self.where else self.error
 
 
 def _log(msg: str) -> None:
@@ -76,6 +96,19 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _phase(data: dict[str, Any], key: str, n: int, label: str, fn: Callable[[], Any]) -> None:
+    _log(f"{n}/{PHASES} {label}")
+    started = time.monotonic()
+    try:
+        data[key] = fn()
+    except Exception as exc:
+        frames = traceback.extract_tb(exc.__traceback__)[-2:]
+        where = " ← ".join(f"{os.path.basename(f.filename)}:{f.lineno}" for f in reversed(frames))
+        data[key] = PhaseError(label, f"{type(exc).__name__}: {exc}", where)
+        _log(f"  phase failed: {data[key]}")
+    data.setdefault("phase_seconds", {})[key] = time.monotonic() - started
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parse(argv)
     plan = QUICK if args.quick else FULL
@@ -85,7 +118,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.disable(logging.WARNING)
     started = time.monotonic()
     data: dict[str, Any] = {"plan": plan, "command": command, "binary": redis_server_binary(),
-                            "loadavg_start": os.getloadavg()}
+                            "loadavg_start": os.getloadavg(), "hiredis": latency.hiredis_installed()}
     with ExitStack() as servers:
         main_server = servers.enter_context(RedisServer())
         keys_server = servers.enter_context(RedisServer())
@@ -93,47 +126,58 @@ def main(argv: Optional[list[str]] = None) -> int:
         data["redis_version"] = main_server.client().info("server")["redis_version"]
         host, port = "127.0.0.1", main_server.port
 
-        _log(f"1/10 {plan.many_keys} distinct keys (ttl {plan.many_keys_ttl}s)")
-        data["many_keys"] = scale.many_keys(keys_server, plan.many_keys, plan.many_keys_ttl)
+        _phase(data, "many_keys", 1, f"{plan.many_keys} distinct keys (ttl {plan.many_keys_ttl}s)",
+               lambda: scale.many_keys(keys_server, plan.many_keys, plan.many_keys_ttl))
 
-        _log("2/10 commands and round trips per cycle")
-        data["counts"], data["unavailable"] = _count_phase(host, port, main_server, plan)
+        _phase(data, "latency", 2, f"cycle latency, {plan.rounds} interleaved rounds of {plan.batch} per parser, "
+                                   f"in {plan.legs} legs each",
+               lambda: latency.measure_latency(host, port, plan.rounds, plan.batch, plan.count_cycles, plan.legs,
+                                               _log))
 
-        _log(f"3/10 cycle latency, {plan.rounds} interleaved rounds of {plan.batch}")
-        data["timed"] = _timing_phase(host, port, plan)
+        _phase(data, "handoff", 3, f"hand-off latency, {plan.handoff_rounds} interleaved rounds",
+               lambda: handoff.measure_handoffs(host, port, plan.handoff_rounds))
 
-        _log(f"4/10 hand-off latency, {plan.handoff_rounds} interleaved rounds")
-        data["handoff"] = handoff.measure_handoffs(host, port, plan.handoff_rounds)
+        _phase(data, "profile", 4, "a profile of single_task's decorated call",
+               lambda: costs.profile_decorated(host, port, plan.profile_cycles))
 
-        _log("5/10 single_task's own Python cost, and a profile")
-        data["python_cost"] = costs.python_cost(plan.stub_cycles)
-        data["profile"] = costs.profile_decorated(host, port, plan.profile_cycles)
+        _phase(data, "cache", 5, "script cache: cold, warm, restart, SCRIPT FLUSH",
+               lambda: scale.script_cache(cache_server))
 
-        _log("6/10 script cache: cold, warm, restart, SCRIPT FLUSH")
-        data["cache"] = scale.script_cache(cache_server)
+        def held() -> Any:
+            main_server.client().flushall()
+            return scale.held_leases(main_server, plan.held_leases, plan.held_ttl, plan.held_window_s)
 
-        _log(f"7/10 {plan.held_leases} leases held at once")
-        main_server.client().flushall()
-        data["held"] = scale.held_leases(main_server, plan.held_leases, plan.held_ttl, plan.held_window_s)
+        _phase(data, "held", 6, f"{plan.held_leases} leases held at once", held)
 
-        _log(f"8/10 producer side: send_once vs delay(), {plan.rounds} interleaved rounds of {plan.producer_batch}")
-        with RedisServer() as broker:
-            data["producer"] = producer.measure_producer(broker, plan.rounds, plan.producer_batch, plan.count_cycles)
+        def send() -> Any:
+            with RedisServer() as broker:
+                return producer.measure_producer(broker, plan.side_rounds, plan.producer_batch, plan.count_cycles)
 
-        _log(f"9/10 replicas=1 against a master with one replica, {plan.rounds} interleaved rounds of "
-             f"{plan.replica_batch}")
-        data["replicas"] = replicas.measure_replicas(plan.rounds, plan.replica_batch, plan.count_cycles)
+        _phase(data, "producer", 7, f"producer side: send_once vs delay(), {plan.side_rounds} interleaved rounds "
+                                    f"of {plan.producer_batch}", send)
+
+        _phase(data, "replicas", 8, f"replicas=1 against a master with one replica, {plan.side_rounds} interleaved "
+                                    f"rounds of {plan.replica_batch}",
+               lambda: replicas.measure_replicas(plan.side_rounds, plan.replica_batch, plan.count_cycles))
 
         if args.skip_e2e:
             data["e2e"] = None
         else:
-            _log(f"10/10 Celery end-to-end: {plan.e2e_tasks} tasks x {plan.e2e_rounds} rounds per pool and variant")
-            main_server.client().flushall()
-            data["e2e"] = e2e.run_e2e(main_server.url, plan.e2e_tasks, plan.e2e_rounds, E2E_POOLS)
+            def celery_e2e() -> Any:
+                main_server.client().flushall()
+                return e2e.run_e2e(main_server.url, list(plan.e2e_pools), plan.e2e_warmup, log=_log)
+
+            _phase(data, "e2e", 9, "Celery end-to-end: " + "; ".join(
+                f"{p} {runs} run(s) × {rounds} rounds × {tasks} tasks per variant"
+                for p, _c, runs, rounds, tasks in plan.e2e_pools), celery_e2e)
 
         if plan.expiry_wait_s:
             _log("waiting for the many keys' expiries to pass")
-        scale.after_expiry(keys_server, data["many_keys"], plan.expiry_wait_s)
+        if not isinstance(data.get("many_keys"), PhaseError):
+            try:
+                scale.after_expiry(keys_server, data["many_keys"], plan.expiry_wait_s)
+            except Exception as exc:
+                data["many_keys"].error = f"after the expiries: {type(exc).__name__}: {exc}"
 
     data["loadavg_end"] = os.getloadavg()
     data["seconds"] = time.monotonic() - started
@@ -145,26 +189,3 @@ def main(argv: Optional[list[str]] = None) -> int:
             f.write(text)
         _log(f"written to {output}")
     return 0
-
-
-def _count_phase(host: str, port: int, server: RedisServer, plan: Plan) -> tuple[dict[str, Counts], dict[str, str]]:
-    probe = server.client()
-    counts: dict[str, Counts] = {}
-    with ExitStack() as stack:
-        env = contenders.Env(host, port, stack)
-        cycles, unavailable = contenders.build_all(env, "count")
-        for name, cycle in cycles.items():
-            try:
-                for _ in range(5):
-                    cycle()
-                counts[name] = count_commands(cycle, probe, plan.count_cycles)
-            except Exception as exc:
-                unavailable[name] = f"failed while counting: {type(exc).__name__}: {exc}"
-    return counts, unavailable
-
-
-def _timing_phase(host: str, port: int, plan: Plan) -> dict[str, Timed]:
-    with ExitStack() as stack:
-        env = contenders.Env(host, port, stack)
-        cycles, _ = contenders.build_all(env, "time")
-        return run_interleaved(cycles, plan.rounds, plan.batch)

@@ -16,13 +16,14 @@ All three call the same decorated task, so only the producer path differs.
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from celery import Celery
 
 from bench.measure import Counts, Cycle, Timed, count_commands, run_interleaved
-from single_task import send_once, single_run
+from single_task import is_queued, send_once, single_run
 from support.redis_server import RedisServer
 
 QUEUE = "bench-send"  # the default queue of the app: every contender publishes here
@@ -33,6 +34,13 @@ DELAY = "`task.delay(n)`: publishes one message"
 FIRST = "`send_once(task, (n,))`, nothing queued for the key: marker + publish"
 REFUSED = "`send_once(task, (n,))`, a message for the key already queued: refused"
 NAMES = (DELAY, FIRST, REFUSED)
+_KEY_N = re.compile(rb"bench:send:(\d+)")
+
+
+def _fresh_key(redis_key: bytes) -> bool:
+    """A key of a publishing call's run (n >= 1), not the held message's (n = 0)."""
+    m = _KEY_N.search(redis_key)
+    return m is not None and int(m.group(1)) != DUP_N
 
 
 @dataclass
@@ -75,13 +83,14 @@ def measure_producer(server: RedisServer, rounds: int, batch: int, count_cycles:
 
 def _measure(result: ProducerResult, probe: Any, job: Any, rounds: int, batch: int, count_cycles: int) -> None:
     held = send_once(job, (DUP_N,), queue=HELD_QUEUE)
-    markers = [k for k in probe.scan_iter(match="*bench:send:*:queued", count=1000)]
-    if len(markers) != 1 or probe.llen(HELD_QUEUE) != 1:
-        raise RuntimeError(f"setup: expected one marker and one held message, got {markers!r}")
-    held_marker, held_id = markers[0], held.id
+    if not is_queued(job, DUP_N) or probe.llen(HELD_QUEUE) != 1:
+        raise RuntimeError("setup: expected the held message to be queued, and alone in its queue")
+    held_id = held.id
 
     def cleanup() -> None:
-        doomed = [k for k in probe.scan_iter(match="*bench:send:*:queued", count=1000) if k != held_marker]
+        # The publishing calls' markers: whatever the library names them, they contain the key
+        # "bench:send:<n>" with n >= 1 (the held message's key has n = 0 and stays).
+        doomed = [k for k in probe.scan_iter(match="*bench:send:*", count=1000) if _fresh_key(k)]
         pipe = probe.pipeline(transaction=False)
         pipe.delete(QUEUE)
         for k in doomed:
@@ -108,8 +117,8 @@ def _measure(result: ProducerResult, probe: Any, job: Any, rounds: int, batch: i
         result.counts[name] = count_commands(cycle, probe, count_cycles)
         result.published[name] = probe.llen(QUEUE) / count_cycles
         cleanup()
-    if probe.llen(HELD_QUEUE) != 1:
-        raise RuntimeError("the held message's queue changed")
+    if probe.llen(HELD_QUEUE) != 1 or not is_queued(job, DUP_N):
+        raise RuntimeError("the held message's queue (or its marker) changed")
     result.used_memory = (int(probe.info("memory")["used_memory"]), 0)
     result.timed = run_interleaved(cycles, rounds, batch, after_round=cleanup)
     result.used_memory = (result.used_memory[0], int(probe.info("memory")["used_memory"]))

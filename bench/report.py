@@ -1,4 +1,6 @@
-"""The Markdown report: machine and versions, the tables, and each target met or missed."""
+"""The Markdown report: machine and versions, the targets of the performance issue met or missed,
+and every phase's tables. A phase that failed, or a section that cannot be drawn, says so in its
+place; the rest of the report is still written."""
 
 from __future__ import annotations
 
@@ -7,30 +9,49 @@ import os
 import platform
 import time
 from importlib import metadata
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from bench import producer, replicas
 from bench.contenders import CONTENDERS, Contender
-from bench.costs import Profile, PythonCost
+from bench.costs import Profile
 from bench.e2e import PoolResult
 from bench.handoff import NOT_WAITING, WAITERS, HandoffResult
-from bench.measure import Counts, Timed, format_counts
+from bench.latency import PARSER_LABEL, PARSERS, ParserResult
+from bench.measure import Counts, Timed, format_counts, percentile, round_ratios
 from bench.producer import ProducerResult
 from bench.replicas import ReplicaResult
 from bench.scale import CacheResult, HeldResult, KeysResult
 
 TITLE = "# single_task benchmark"
 FLOOR = "floor: SET NX PX + EVALSHA compare-and-delete"
+FLOOR_DIRECT = "floor, written straight to a pooled connection"
 BUSY_FLOOR = "floor: SET NX PX on a busy key"
 PING = "PING (one round trip)"
 ST_WITH = "single_task: `with single_run(...)` block"
+ST_WITH_ONCE = "single_task: `with spec` (single_run built once)"
 ST_DECORATED = "single_task: decorated call"
 ST_SKIP = "single_task: decorated call, key busy → skip"
+RPY_LOCK = "redis-py `Lock` (`with r.lock(...)`)"
+PRL = "python-redis-lock"
 ST_WAIT = WAITERS[0].name
 PRL_WAIT = WAITERS[1].name
-PEER_DISTS = ["redis", "celery", "kombu", "python-redis-lock", "pottery", "celery-once", "celery-singleton", "huey",
-              "dramatiq"]
+PEER_DISTS = ["redis", "celery", "kombu", "hiredis", "python-redis-lock", "pottery", "celery-once", "celery-singleton",
+              "huey", "dramatiq"]
 HANDSHAKE = {"HELLO", "CLIENT", "SELECT", "AUTH"}
+SERVER_TARGET_US = 30.0
+SOLO_TARGET = 0.95
+
+# (label, contender, base, limit, parsers the limit applies to); the limits of the issue
+RATIO_TARGETS: list[tuple[str, str, str, float, tuple[str, ...]]] = [
+    ("decorated call ≤ 1.10× the floor (pure-Python parser)", ST_DECORATED, FLOOR, 1.10, ("python",)),
+    ("decorated call ≤ 1.05× the floor with hiredis", ST_DECORATED, FLOOR, 1.05, ("hiredis",)),
+    ("stretch: decorated call ≤ 1.05× the floor without hiredis", ST_DECORATED, FLOOR, 1.05, ("python",)),
+    ("`with` block, `single_run` built once ≤ 1.10× the floor (pure-Python parser)", ST_WITH_ONCE, FLOOR, 1.10,
+     ("python",)),
+    ("`with` block, `single_run` built once ≤ 1.05× the floor with hiredis", ST_WITH_ONCE, FLOOR, 1.05, ("hiredis",)),
+    ("`with single_run(...)` built per use ≤ 1.15× the floor", ST_WITH, FLOOR, 1.15, ("python", "hiredis")),
+    ("busy key, skip path ≤ 1.00× one `SET NX`", ST_SKIP, BUSY_FLOOR, 1.00, ("python", "hiredis")),
+]
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
@@ -57,11 +78,11 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _f(value: float, digits: int = 1) -> str:
+def _f(value: Optional[float], digits: int = 1) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:,.{digits}f}"
 
 
-def _x(value: float) -> str:
+def _x(value: Optional[float]) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.2f}×"
 
 
@@ -78,22 +99,81 @@ def _over(measured: float, limit: float) -> str:
     return f"over by {measured - limit:.2f}× ({(measured / limit - 1) * 100:.0f} % above the limit)"
 
 
-# -- sections --------------------------------------------------------------------------------------
+def _spread(values: list[float]) -> str:
+    """The p10 to p90 range of per-round ratios."""
+    if not values:
+        return "n/a"
+    return f"{percentile(values, 0.1):.2f}–{percentile(values, 0.9):.2f}"
+
+
+def _failed(value: Any) -> Optional[str]:
+    """The error of a phase that failed (main.PhaseError), else None."""
+    if type(value).__name__ == "PhaseError":
+        return str(value)
+    return None
+
+
+def _safe(title: str, fn: Callable[..., str], *args: Any) -> str:
+    """A section, or its title and why it could not be drawn."""
+    for arg in args:
+        err = _failed(arg)
+        if err:
+            return f"{title}\n\nPhase failed: {err}"
+    try:
+        return fn(*args)
+    except Exception as exc:
+        return f"{title}\n\nCould not draw this section: {type(exc).__name__}: {exc}"
+
+
+def _parsers(lat: Any) -> list[ParserResult]:
+    if _failed(lat) or not isinstance(lat, dict):
+        return []
+    return [lat[p] for p in PARSERS if p in lat]
+
+
+def _measured(lat: Any) -> list[ParserResult]:
+    return [r for r in _parsers(lat) if r.measured]
+
+
+def _server_legs(lat: Any, name: str) -> list[Counts]:
+    """Every leg's counts of one contender, all parsers (the server's work does not depend on the parser)."""
+    return [legs[name] for r in _parsers(lat) for legs in r.leg_counts if name in legs]
+
+
+def _server_usec(lat: Any, name: str) -> float:
+    """Median over all legs of the commandstats µs per cycle."""
+    return percentile([k.server_usec for k in _server_legs(lat, name)], 0.5)
+
+
+def _server_cpu_usec(lat: Any, name: str) -> float:
+    return percentile([k.server_cpu_usec for k in _server_legs(lat, name)], 0.5)
+
+
+def _counts_of(lat: Any) -> dict[str, Counts]:
+    """Counts of the first parser that has them (server-side figures do not depend on the parser)."""
+    for r in _parsers(lat):
+        if r.counts:
+            return r.counts
+    return {}
+
+
+# -- the report ------------------------------------------------------------------------------------
 
 
 def render(data: dict[str, Any]) -> str:
-    timed: dict[str, Timed] = data["timed"]
-    counts: dict[str, Counts] = data["counts"]
-    parts = [TITLE, "", _header(data), "", _targets(data), "", "## Lock cycle latency (interleaved, one run)", "",
-             _method(data), "", "### Full cycles: acquire, empty body, release", "",
-             _cycle_table(timed, counts, data["unavailable"], "cycle"), "",
-             "### Busy key: one attempt that must not run the body", "",
-             _cycle_table(timed, counts, data["unavailable"], "busy"), "",
-             _handoff(data["handoff"]), "", _replicas(data["replicas"], data["plan"]), "",
-             _producer(data["producer"], data["plan"]), "", _e2e(data["e2e"], data["plan"]), "",
-             _held(data["held"]), "",
-             _many_keys(data["many_keys"]), "", _cache(data["cache"]), "",
-             _where_time_goes(data), ""]
+    lat = data.get("latency")
+    plan = data["plan"]
+    parts = [TITLE, "", _safe("## Run", _header, data), "", _safe("## Targets (issue 11)", _targets, data), "",
+             _safe("## Lock cycle latency", _latency, lat, plan), "",
+             _safe("## Server time per cycle", _server_time, lat, plan), "",
+             _safe("## Where the time goes", _where_time_goes, lat, data.get("profile")), "",
+             _safe("## Hand-off", _handoff, data.get("handoff")), "",
+             _safe("## `replicas=1`", _replicas, data.get("replicas"), plan), "",
+             _safe("## Producer side", _producer, data.get("producer"), plan), "",
+             _safe("## Celery end-to-end", _e2e, data.get("e2e"), plan), "",
+             _safe("## Scale: leases held at once in one process", _held, data.get("held")), "",
+             _safe("## Scale: distinct keys", _many_keys, data.get("many_keys")), "",
+             _safe("## Script cache", _cache, data.get("cache")), ""]
     return "\n".join(parts)
 
 
@@ -102,48 +182,247 @@ def _header(data: dict[str, Any]) -> str:
     cpus = os.cpu_count()
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cpus
     load0, load1 = data["loadavg_start"], data["loadavg_end"]
+    hiredis = data.get("hiredis")
+    parsers = []
+    for r in _parsers(data.get("latency")):
+        if r.skipped:
+            parsers.append(f"{r.parser}: {r.skipped}")
+        else:
+            info = r.info
+            parsers.append(f"{r.parser}: {r.legs} leg(s), redis-py used `{info.get('parser_class', '?')}`"
+                           + (f" (hiredis {info['hiredis_version']})" if info.get("hiredis_version") else "")
+                           + (f"; errors: {'; '.join(r.errors)}" if r.errors else ""))
+    try:
+        import redis.connection
+
+        parent_parser = redis.connection.DefaultParser.__name__
+    except Exception:
+        parent_parser = "unknown"
+    phase_s = data.get("phase_seconds", {})
     rows = [
         ["command", f"`{data['command']}` (from the repository root)"],
         ["date", time.strftime("%Y-%m-%d %H:%M %Z")],
         ["machine", f"nproc {affinity} (os.cpu_count {cpus}), {_cpu_model()}, "
                     f"{platform.system()} {platform.release()}"],
-        ["load average (1 min) at start / end", f"{load0[0]:.2f} / {load1[0]:.2f}"],
+        ["load average (1 / 5 / 15 min) at start", " / ".join(f"{v:.2f}" for v in load0)],
+        ["load average (1 / 5 / 15 min) at end", " / ".join(f"{v:.2f}" for v in load1)],
         ["Python", f"{platform.python_implementation()} {platform.python_version()}"],
         ["redis-server", f"{data['redis_version']} (`{data['binary']}`)"],
         ["redis-py / celery / kombu", f"{_version('redis')} / {_version('celery')} / {_version('kombu')}"],
-        ["peers", ", ".join(f"{d} {_version(d)}" for d in PEER_DISTS[3:])],
+        ["hiredis", f"{hiredis} installed" if hiredis else "hiredis not installed: skipped"],
+        ["latency phase, per parser", "; ".join(parsers) or "not run"],
+        ["parser of every other phase", f"`{parent_parser}` (redis-py's default in this environment)"],
+        ["peers", ", ".join(f"{d} {_version(d)}" for d in PEER_DISTS[4:])],
         ["single_task", _version("single_task") if _version("single_task") != "not installed" else "working tree"],
-        ["run length", f"{data['seconds']:.0f} s; latency: {plan.rounds} rounds × {plan.batch} cycles per contender"],
+        ["run length", f"{data['seconds']:.0f} s ("
+                       + ", ".join(f"{k} {v:.0f} s" for k, v in phase_s.items()) + ")"],
+        ["latency plan", f"{plan.rounds} rounds × {plan.batch} cycles per contender and parser, in {plan.legs} "
+                         f"legs per parser; counters over {plan.count_cycles} cycles per contender"],
     ]
-    return table(["", ""], rows)
+    return "## Run\n\n" + table(["", ""], rows) + (
+        "\n\nThe machine is shared (other test and chaos runs may be going on); the load average above says how "
+        "much. Only ratios between contenders measured in the same rounds are compared; absolute µs move with "
+        "the load.")
 
 
-def _method(data: dict[str, Any]) -> str:
-    plan = data["plan"]
-    return (
-        f"Every contender runs {plan.batch} cycles per round, contenders in turn (the first one rotates), for "
-        f"{plan.rounds} rounds, each on its own key and its own redis-py client, all against one redis-server "
-        "on loopback. Ratios are to the floor's median (or p99) from the same rounds; *PINGs* is the median "
-        "over the median of one `PING`. *Round trips* and *client commands* are what redis-py wrote to its "
-        f"sockets, *server commands* the `INFO commandstats` delta, both over {plan.count_cycles} separate "
-        "cycles: Redis counts the commands a Lua script calls under their own names, so for script-based "
-        "locks the server count includes the script's inner commands. *Server µs* is commandstats' `usec` "
-        "per cycle (scripts include their inner commands). Logging below ERROR is disabled for every "
-        "library alike (python-redis-lock logs a WARNING on every failed non-blocking acquire)."
-    )
+# -- targets -------------------------------------------------------------------------------------------
 
 
-def _ratio_base(kind: str) -> str:
-    return FLOOR if kind == "cycle" else BUSY_FLOOR
+def _targets(data: dict[str, Any]) -> str:
+    lat = data.get("latency")
+    rows: list[list[str]] = []
+    measured = {r.parser: r for r in _measured(lat)}
+    for label, name, base, limit, parsers in RATIO_TARGETS:
+        for parser in parsers:
+            rows.append(_ratio_row(label, measured.get(parser), _parsers(lat), parser, name, base, limit))
+    for peer in (RPY_LOCK, PRL):
+        for parser in PARSERS:
+            rows.append(_peer_row(peer, measured.get(parser), _parsers(lat), parser))
+    rows.append(_handoff_row(data.get("handoff")))
+    rows.append(_server_row(lat))
+    rows.append(_solo_row(data.get("e2e")))
+    rows.append(_round_trip_row(lat))
+    for fn, key in ((_cache_target, "cache"), (_producer_target, "producer"), (_replicas_target, "replicas"),
+                    (_keys_target, "many_keys")):
+        rows.append(_guard(fn, data.get(key), key))
+    held = data.get("held")
+    if _failed(held) or not isinstance(held, HeldResult):
+        rows.append(["held leases", "not measured", "n/a", str(_failed(held) or "not run")])
+    else:
+        try:
+            rows.extend(_held_targets(held))
+        except Exception as exc:
+            rows.append(["held leases", "not measured", "n/a", f"{type(exc).__name__}: {exc}"])
+    return ("## Targets (issue 11)\n\n"
+            "Medians from the interleaved rounds of this run; *per-round* is the p10–p90 spread of the ratio "
+            "of the two contenders' medians round by round (the run-to-run noise a single ratio hides).\n\n"
+            + table(["target", "measured", "verdict", "by how much"], rows))
 
 
-def _cycle_table(timed: dict[str, Timed], counts: dict[str, Counts], unavailable: dict[str, str], kind: str) -> str:
-    base_name = _ratio_base(kind)
-    base = timed.get(base_name)
+def _guard(fn: Callable[[Any], list[str]], value: Any, what: str) -> list[str]:
+    err = _failed(value)
+    if err or value is None:
+        return [what, "not measured", "n/a", err or "not run"]
+    try:
+        return fn(value)
+    except Exception as exc:
+        return [what, "not measured", "n/a", f"{type(exc).__name__}: {exc}"]
+
+
+def _not_measured(label: str, parser: str, results: list[ParserResult]) -> list[str]:
+    why = next((r.skipped or "; ".join(r.errors) for r in results if r.parser == parser), "not run") or "not run"
+    return [f"{label} [{parser}]", "not measured", "n/a", why]
+
+
+def _ratio_row(label: str, res: Optional[ParserResult], results: list[ParserResult], parser: str, name: str,
+               base: str, limit: float) -> list[str]:
+    if res is None:
+        return _not_measured(label, parser, results)
+    t, b = res.timed.get(name), res.timed.get(base)
+    if not t or not b or not t.samples or not b.samples:
+        why = (t.error if t else None) or res.unavailable.get(name) or "not measured"
+        return [f"{label} [{parser}]", "not measured", "n/a", why]
+    r = t.median_us / b.median_us
+    return [f"{label} [{parser}]",
+            f"{t.median_us:.1f} µs vs {b.median_us:.1f} µs: **{_x(r)}** (per-round {_spread(round_ratios(t, b))})",
+            _verdict(r <= limit), _over(r, limit)]
+
+
+def _peer_row(peer: str, res: Optional[ParserResult], results: list[ParserResult], parser: str) -> list[str]:
+    label = f"decorated call and `with` (built once) faster than {peer.split(' (')[0]}"
+    if res is None:
+        return _not_measured(label, parser, results)
+    p = res.timed.get(peer)
+    if not p or not p.samples:
+        return [f"{label} [{parser}]", "not measured", "n/a",
+                res.unavailable.get(peer) or (p.error if p else None) or "not run"]
+    parts, oks, spare = [], [], []
+    for name, short in ((ST_DECORATED, "decorated"), (ST_WITH_ONCE, "with once")):
+        t = res.timed.get(name)
+        if not t or not t.samples:
+            parts.append(f"{short}: not measured")
+            oks.append(False)
+            continue
+        r = t.median_us / p.median_us
+        parts.append(f"{short} {t.median_us:.1f} µs = {_x(r)} the peer's (per-round {_spread(round_ratios(t, p))})")
+        oks.append(r < 1.0)
+        spare.append(f"{short} {(1 - r) * 100:.0f} % faster" if r < 1.0 else f"{short} {(r - 1) * 100:.0f} % slower")
+    return [f"{label} [{parser}]", f"peer {p.median_us:.1f} µs; " + "; ".join(parts), _verdict(all(oks)),
+            ", ".join(spare) if spare else "—"]
+
+
+def _handoff_row(hand: Any) -> list[str]:
+    label = "`wait` hand-off median below python-redis-lock's (same run)"
+    if _failed(hand) or not hand:
+        return [label, "not measured", "n/a", _failed(hand) or "not run"]
+    st, prl = hand[ST_WAIT], hand[PRL_WAIT]
+    if not (st.samples_ns and prl.samples_ns):
+        return [label, "not measured", "n/a", st.error or prl.error or ""]
+    a, b = st.ms(0.5), prl.ms(0.5)
+    return [label, f"{a:.3f} ms vs {b:.3f} ms", _verdict(a < b),
+            f"{(1 - a / b) * 100:.0f} % faster" if a < b else f"{(a / b - 1) * 100:.0f} % slower"]
+
+
+def _server_row(lat: Any) -> list[str]:
+    label = f"server time per uncontended cycle ≤ {SERVER_TARGET_US:.0f} µs (`INFO commandstats`)"
+    legs = _server_legs(lat, ST_DECORATED)
+    if not legs:
+        return [label, "not measured", "n/a", "no counts"]
+    usec = _server_usec(lat, ST_DECORATED)
+    inner = percentile([k.inner_usec for k in legs], 0.5)
+    spread = f"{min(k.server_usec for k in legs):.1f}–{max(k.server_usec for k in legs):.1f}"
+    others = []
+    for name, short in ((ST_WITH_ONCE, "with once"), (ST_WITH, "with per use"), (ST_SKIP, "skip"),
+                        (FLOOR, "floor"), (BUSY_FLOOR, "one SET NX"), (RPY_LOCK, "redis-py Lock"),
+                        (PRL, "python-redis-lock")):
+        if _server_legs(lat, name):
+            others.append(f"{short} {_server_usec(lat, name):.1f}")
+    ok = usec <= SERVER_TARGET_US
+    return [label, f"decorated **{usec:.1f} µs** (median of {len(legs)} windows, {spread}; {inner:.1f} of it in "
+                   "commands inside scripts); " + ", ".join(others) + " µs",
+            _verdict(ok), f"{SERVER_TARGET_US - usec:.1f} µs to spare" if ok
+            else f"over by {usec - SERVER_TARGET_US:.1f} µs "
+                 f"({(usec / SERVER_TARGET_US - 1) * 100:.0f} % above the limit)"]
+
+
+def _solo_row(results: Any) -> list[str]:
+    label = f"Celery solo pool: decorated ≥ {SOLO_TARGET:.2f}× the floor lock inline (tasks/s)"
+    if _failed(results) or results is None:
+        return [label, "not measured", "n/a", _failed(results) or "skipped (--skip-e2e)"]
+    solo = next((p for p in results if p.pool == "solo"), None)
+    if solo is None or not solo.all_rates("locked") or not solo.all_rates("floor"):
+        return [label, "not measured", "n/a", (solo.error if solo else None) or "not run"]
+    ratios = solo.round_ratios("locked", "floor")
+    med = percentile(ratios, 0.5)
+    runs = ", ".join(f"{r:.2f}" for r in solo.run_ratios("locked", "floor"))
+    inside = min(ratios) < SOLO_TARGET <= max(ratios) if ratios else False
+    measured = (f"median of {len(ratios)} per-round ratios **{_x(med)}** (min {_x(min(ratios))}, max "
+                f"{_x(max(ratios))}; per-run medians {runs}); ratio of median rates "
+                f"{_x(solo.ratio('locked', 'floor'))}")
+    how = f"{med - SOLO_TARGET:+.2f}× against the limit"
+    if inside:
+        how += "; the limit lies inside the per-round spread, so one round settles nothing"
+    return [label, measured, _verdict(med >= SOLO_TARGET) + (" (within the noise)" if inside else ""), how]
+
+
+def _round_trip_row(lat: Any) -> list[str]:
+    label = "round trips: 2 per uncontended run (decorated, `with`), 1 for a busy call"
+    counts = _counts_of(lat)
+    want = {ST_DECORATED: 2.0, ST_WITH_ONCE: 2.0, ST_WITH: 2.0, ST_SKIP: 1.0}
+    got = {n: counts[n].round_trips for n in want if n in counts}
+    if len(got) < len(want):
+        return [label, "not measured", "n/a", "no counts"]
+    ok = all(abs(got[n] - want[n]) < 1e-9 for n in want)
+    shown = (f"decorated {got[ST_DECORATED]:.2f}, with once {got[ST_WITH_ONCE]:.2f}, with per use "
+             f"{got[ST_WITH]:.2f}, skip {got[ST_SKIP]:.2f}")
+    return [label, shown, _verdict(ok), "—" if ok else "round trips differ from the target"]
+
+
+# -- latency ---------------------------------------------------------------------------------------
+
+
+def _latency(lat: Any, plan: Any) -> str:
+    out = ["## Lock cycle latency (interleaved, one run, both parsers)", "",
+           f"Every contender runs {plan.batch} cycles per round, contenders in turn (the first one rotates), for "
+           f"{plan.rounds} rounds per parser, each contender on its own key and its own redis-py client, all "
+           "against one redis-server on loopback. redis-py picks its parser when it is imported, so each parser's "
+           f"rounds run in {plan.legs} child process(es) of their own (`bench/parser_child.py`; the pure-Python "
+           "one with `import hiredis` made to fail), the legs alternating python, hiredis, hiredis, python… Ratios "
+           "are to the floor's median (or p99) from the same rounds; *per-round* is the p10–p90 of the per-round "
+           "ratio of medians. *Client CPU* is the benchmark process's CPU time (user + sys, all threads) per "
+           "cycle, median over the rounds: what the client side costs, whatever library code, redis-py or "
+           "kernel does it. *Round trips* and *client commands* are what the process wrote to its TCP sockets, "
+           f"*server commands* the `INFO commandstats` delta, over {plan.count_cycles} separate cycles at the "
+           "start of the parser's first leg: Redis counts the commands a Lua script calls under their own names, so "
+           "for script-based locks the server count includes the script's inner commands. Logging below ERROR "
+           "is disabled for every library alike (python-redis-lock logs a WARNING on every failed non-blocking "
+           "acquire)."]
+    for res in _parsers(lat):
+        label = PARSER_LABEL[res.parser]
+        out += ["", f"### {label}", ""]
+        if res.skipped:
+            out.append(res.skipped)
+            continue
+        if res.errors:
+            out += ["Failed legs: " + "; ".join(res.errors), ""]
+        if not res.measured:
+            out.append("Not measured.")
+            continue
+        counts = res.counts or _counts_of(lat)
+        out += ["Full cycles: acquire, empty body, release.", "",
+                _cycle_table(res, counts, "cycle"), "",
+                "Busy key: one attempt that must not run the body.", "",
+                _cycle_table(res, counts, "busy")]
+    return "\n".join(out)
+
+
+def _cycle_table(res: ParserResult, counts: dict[str, Counts], kind: str) -> str:
+    timed = res.timed
+    base = timed.get(FLOOR if kind == "cycle" else BUSY_FLOOR)
     ping = timed.get(PING)
-    headers = ["contender", "median µs", "p99 µs", "median × " + ("floor" if kind == "cycle" else "SET NX"),
-               "p99 × " + ("floor" if kind == "cycle" else "SET NX"), "PINGs", "round trips",
-               "client commands", "server commands (incl. inside scripts)", "server µs"]
+    unit = "floor" if kind == "cycle" else "SET NX"
+    headers = ["contender", "median µs", "p99 µs", f"median × {unit}", "per-round (p10–p90)", f"p99 × {unit}",
+               "PINGs", "client CPU µs", "round trips", "client commands", "server commands (incl. inside scripts)"]
     if kind == "cycle":
         headers += ["release", "renewal"]
     headers.append("note")
@@ -152,24 +431,27 @@ def _cycle_table(timed: dict[str, Timed], counts: dict[str, Counts], unavailable
     for c in wanted:
         t = timed.get(c.name)
         k = counts.get(c.name)
-        problem = unavailable.get(c.name) or (t.error if t else "not run")
+        problem = res.unavailable.get(c.name) or (t.error if t else "not run")
         if t is None or not t.samples:
-            row = [c.name, "—", "—", "—", "—", "—", "—", "—", "—", "—"]
+            row = [c.name] + ["—"] * 10
             if kind == "cycle":
                 row += [c.release or "", c.renewal or ""]
             row.append(problem or "")
             rows.append(row)
             continue
-        med, p99 = t.median_us, t.p99_us
-        ratio = med / base.median_us if base and base.samples else float("nan")
-        ratio99 = p99 / base.p99_us if base and base.samples else float("nan")
-        pings = med / ping.median_us if ping and ping.samples else float("nan")
-        row = [c.name, _f(med), _f(p99), _x(ratio), _x(ratio99), _f(pings, 2),
-               _f(k.round_trips, 2) if k else "—", format_counts(k.client) if k else "—",
-               format_counts(k.server) if k else "—", _f(k.server_usec) if k else "—"]
+        has_base = base is not None and bool(base.samples)
+        ratio = t.median_us / base.median_us if has_base and base else float("nan")
+        ratio99 = t.p99_us / base.p99_us if has_base and base else float("nan")
+        pings = t.median_us / ping.median_us if ping and ping.samples else float("nan")
+        row = [c.name, _f(t.median_us), _f(t.p99_us), _x(ratio),
+               _spread(round_ratios(t, base)) if has_base and base else "n/a", _x(ratio99), _f(pings, 2),
+               _f(t.cpu_us), _f(k.round_trips, 2) if k else "—", format_counts(k.client) if k else "—",
+               format_counts(k.server) if k else "—"]
         if kind == "cycle":
             row += [c.release or "", c.renewal or ""]
         note = c.note
+        if c.name in res.unavailable and t.samples:
+            note = (note + "; " if note else "") + res.unavailable[c.name]
         if t.error:
             note = (note + "; " if note else "") + f"stopped: {t.error}"
         row.append(note)
@@ -177,54 +459,147 @@ def _cycle_table(timed: dict[str, Timed], counts: dict[str, Counts], unavailable
     return table(headers, rows)
 
 
-def _median_ratio(timed: dict[str, Timed], name: str, base: str) -> float:
-    t, b = timed.get(name), timed.get(base)
-    if not t or not b or not t.samples or not b.samples:
-        return float("nan")
-    return t.median_us / b.median_us
+def _server_time(lat: Any, plan: Any) -> str:
+    head = ("## Server time per cycle (`INFO commandstats` and `INFO cpu`)\n\n"
+            f"Over a counted window of {plan.count_cycles} cycles per contender at the start of every latency leg "
+            "(nothing else runs against that server meanwhile): *commandstats µs* is the `usec` delta of the "
+            "commands the client sent, per cycle (a script's `usec` already includes the commands it calls, "
+            "shown apart as *inside scripts*; they are not added twice). *Server CPU* is the redis-server "
+            "process's user + sys CPU delta per cycle, which also counts reading the request, writing the reply "
+            "and the event loop: what a cycle costs the server in all. The server's work does not depend on the "
+            "client's parser, so every leg is one more measurement of the same thing: the median over the legs "
+            "is the figure, their range the noise.\n\n")
+    n_legs = sum(len(r.leg_counts) for r in _parsers(lat))
+    if not n_legs:
+        return head + "Not measured."
+    rows = []
+    for c in CONTENDERS:
+        legs = _server_legs(lat, c.name)
+        if not legs:
+            continue
+        us = [k.server_usec for k in legs]
+        cpu = [k.server_cpu_usec for k in legs]
+        rows.append([c.name, f"**{percentile(us, 0.5):.1f}**", f"{min(us):.1f}–{max(us):.1f}",
+                     _f(percentile([k.inner_usec for k in legs], 0.5)), f"{percentile(cpu, 0.5):.1f}",
+                     f"{min(cpu):.1f}–{max(cpu):.1f}", str(len(legs)), format_counts(legs[0].server)])
+    return head + table(["contender", "commandstats µs (median)", "range over the legs", "inside scripts µs",
+                         "server CPU µs (median)", "range over the legs", "legs", "server commands per cycle"],
+                        rows) + (
+        f"\n\nTarget: ≤ {SERVER_TARGET_US:.0f} µs of commandstats time per uncontended single_task cycle "
+        "(decorated, or `with`).")
 
 
-def _targets(data: dict[str, Any]) -> str:
-    timed: dict[str, Timed] = data["timed"]
-    rows: list[list[str]] = []
-
-    for label, name in (("uncontended `with` block, renewal on: ≤ 1.05× floor (median)", ST_WITH),
-                        ("uncontended decorated call, renewal on: ≤ 1.05× floor (median)", ST_DECORATED)):
-        r = _median_ratio(timed, name, FLOOR)
-        rows.append([label, _x(r), _verdict(None if math.isnan(r) else r <= 1.05), _over(r, 1.05)])
-
-    r = _median_ratio(timed, ST_SKIP, BUSY_FLOOR)
-    rows.append(["busy key, skip path: ≤ 1.05× one `SET NX` round trip (median)", _x(r),
-                 _verdict(None if math.isnan(r) else r <= 1.05), _over(r, 1.05)])
-
-    hand: dict[str, HandoffResult] = data["handoff"]
-    st, prl = hand[ST_WAIT], hand[PRL_WAIT]
-    if st.samples_ns and prl.samples_ns:
-        a, b = st.ms(0.5), prl.ms(0.5)
-        rows.append(["`wait` hand-off median below python-redis-lock's (same run)",
-                     f"{a:.3f} ms vs {b:.3f} ms", _verdict(a < b),
-                     f"{(1 - a / b) * 100:.0f} % faster" if a < b else f"{(a / b - 1) * 100:.0f} % slower"])
+def _where_time_goes(lat: Any, prof: Any) -> str:
+    out = ["## Where the time goes", "",
+           "Per contender and parser: the median cycle; the client process's CPU per cycle (median over the "
+           "rounds; its own Python, redis-py's, and the kernel's send and receive); the server's, by commandstats "
+           "and as the server process's CPU including its I/O (medians over all legs); and *rest* = median − "
+           "client CPU − server CPU: the wake-ups and scheduling between the two processes. On 2 cores the "
+           "client and the server partly overlap (each finishes its system call while the other already runs), "
+           "so *rest* can be negative: the CPU columns are the figures to optimise, the rest is the machine. "
+           "The *gap* rows split single_task's extra time over the floor the same way.", ""]
+    names = [(FLOOR, "floor"), (FLOOR_DIRECT, "floor, direct to a connection"), (ST_DECORATED, "decorated"),
+             (ST_WITH_ONCE, "with, built once"), (ST_WITH, "with, built per use"), (RPY_LOCK, "redis-py Lock"),
+             (PRL, "python-redis-lock"), (BUSY_FLOOR, "one SET NX (busy)"), (ST_SKIP, "skip (busy)"),
+             (PING, "PING")]
+    rows = []
+    counts_any = _counts_of(lat)
+    for res in _measured(lat):
+        counts = res.counts or counts_any
+        for name, short in names:
+            t, k = res.timed.get(name), counts.get(name)
+            if not t or not t.samples:
+                continue
+            server_us, server_cpu = _server_usec(lat, name), _server_cpu_usec(lat, name)
+            rest = t.median_us - t.cpu_us - server_cpu
+            rows.append([f"{short} [{res.parser}]", _f(t.median_us), _f(t.cpu_us), _f(server_us), _f(server_cpu),
+                         _f(rest)])
+        floor, kf = res.timed.get(FLOOR), counts.get(FLOOR)
+        for name, short in ((ST_DECORATED, "decorated"), (ST_WITH_ONCE, "with, built once"),
+                            (ST_WITH, "with, built per use")):
+            t, k = res.timed.get(name), counts.get(name)
+            if not (t and t.samples and floor and floor.samples and k and kf):
+                continue
+            d_wall, d_cpu = t.median_us - floor.median_us, t.cpu_us - floor.cpu_us
+            d_srv = _server_usec(lat, name) - _server_usec(lat, FLOOR)
+            d_srv_cpu = _server_cpu_usec(lat, name) - _server_cpu_usec(lat, FLOOR)
+            rows.append([f"**gap: {short} − floor** [{res.parser}]", _f(d_wall), _f(d_cpu), _f(d_srv),
+                         _f(d_srv_cpu), _f(d_wall - d_cpu - d_srv_cpu)])
+    if rows:
+        out += [table(["contender [parser]", "median µs", "client CPU µs", "server commandstats µs",
+                       "server CPU µs", "rest µs"], rows), ""]
     else:
-        rows.append(["`wait` hand-off median below python-redis-lock's (same run)", "not measured", "n/a",
-                     st.error or prl.error or ""])
+        out += ["Latency not measured.", ""]
+    if _failed(prof):
+        out.append(f"Profile: phase failed: {_failed(prof)}")
+    elif isinstance(prof, Profile):
+        out += [f"cProfile of {prof.cycles:,} uncontended decorated calls against Redis in the main process "
+                f"({prof.wall_us_per_cycle:.0f} µs per call under the profiler, which inflates every Python "
+                "function call alike). Own time per call, by package:", "",
+                table(["code", "own µs per call", "share"],
+                      [[k, f"{v:.2f}", f"{v / sum(prof.by_package.values()) * 100:.0f} %"]
+                       for k, v in prof.by_package.items()]), "",
+                "Top functions by own time:", "",
+                table(["function", "where", "calls per cycle", "own µs per cycle", "cumulative µs per cycle"],
+                      [[f"`{r.function}`", r.where, f"{r.calls_per_cycle:g}", f"{r.own_us:.2f}",
+                        f"{r.cumulative_us:.2f}"] for r in prof.rows])]
+    return "\n".join(out)
 
-    results: Optional[list[PoolResult]] = data["e2e"]
-    solo = next((p for p in results or [] if p.pool == "solo"), None)
-    if solo and not solo.error and solo.rates["plain"] and solo.rates["locked"]:
-        ratio, floor = solo.ratio(), solo.ratio("floor")
-        rows.append(["Celery solo pool: decorated ≥ 0.85× undecorated tasks/s",
-                     f"{_x(ratio)} (the floor lock inline: {_x(floor)})", _verdict(ratio >= 0.85),
-                     f"{ratio - 0.85:+.2f}× against the 0.85× limit"])
-    else:
-        rows.append(["Celery solo pool: decorated ≥ 0.85× undecorated tasks/s", "not measured", "n/a",
-                     solo.error if solo and solo.error else "skipped"])
 
-    rows.append(_producer_target(data["producer"]))
-    rows.append(_replicas_target(data["replicas"]))
-    rows.append(_cache_target(data["cache"]))
-    rows.extend(_held_targets(data["held"]))
-    rows.append(_keys_target(data["many_keys"]))
-    return "## Targets\n\n" + table(["target", "measured", "verdict", "by how much"], rows)
+# -- Celery ------------------------------------------------------------------------------------------
+
+
+def _e2e(results: Optional[list[PoolResult]], plan: Any) -> str:
+    pools = "; ".join(f"{p} (concurrency {c}): {runs} run(s) × {rounds} round(s) × {tasks:,} tasks per variant"
+                      for p, c, runs, rounds, tasks in plan.e2e_pools)
+    head = ("## Celery end-to-end: a real worker drains no-op tasks\n\n"
+            f"{pools}. A run is one fresh worker draining one queue filled before it starts: "
+            f"{plan.e2e_warmup} warm-up tasks of each variant, then per round one segment of each variant (their "
+            "order rotating), a mark task between segments; a segment's tasks/s is its task count over the time "
+            "between its marks (`time.monotonic_ns()` noted by the worker), so start-up and publishing are not "
+            "counted and the three variants share the worker process, interleaved. Decorated: `@app.task` over "
+            "`@single_run(key=\"bench:e2e:{n}\")` (the lease client from a URL, as most users have it; a "
+            "distinct key per task in a segment, so uncontended). Floor lock: the same task taking `SET key token "
+            "NX PX` and releasing with `EVALSHA` compare-and-delete inline. No result backend; the worker's "
+            "per-task INFO log lines are off. Ratios are per round (same run, same round, adjacent segments); "
+            "their min–median–max over all rounds is the noise, stated instead of one number.\n\n")
+    if results is None:
+        return head + "Skipped (`--skip-e2e`)."
+    rows = []
+    detail = []
+    for p in results:
+        if not p.all_rates("plain"):
+            rows.append([f"{p.pool} (concurrency {p.concurrency})"] + ["—"] * 8 + [p.error or "not run"])
+            continue
+
+        def mmm(values: list[float]) -> str:
+            if not values:
+                return "—"
+            return f"{min(values):.2f} / **{percentile(values, 0.5):.2f}** / {max(values):.2f}"
+
+        def added_us(variant: str, p: PoolResult = p) -> float:
+            return (1 / p.median(variant) - 1 / p.median("plain")) * 1e6 * p.concurrency
+
+        rows.append([f"{p.pool} (concurrency {p.concurrency})", f"{p.runs} × {len(p.rates['plain'][0])}",
+                     _f(p.median("plain"), 0), _f(p.median("floor"), 0), _f(p.median("locked"), 0),
+                     mmm(p.round_ratios("locked", "floor")), mmm(p.round_ratios("locked", "plain")),
+                     mmm(p.round_ratios("floor", "plain")), f"{_f(added_us('floor'), 0)} / {_f(added_us('locked'), 0)}",
+                     p.error or ""])
+        for run, (pl, fl, lo) in enumerate(zip(p.rates["plain"], p.rates["floor"], p.rates["locked"])):
+            detail.append([f"{p.pool}, run {run + 1}", ", ".join(f"{v:,.0f}" for v in pl),
+                           ", ".join(f"{v:,.0f}" for v in fl), ", ".join(f"{v:,.0f}" for v in lo),
+                           ", ".join(f"{a / b:.2f}" for a, b in zip(lo, fl))])
+    out = head + table(["pool", "runs × rounds", "undecorated tasks/s", "floor lock tasks/s", "decorated tasks/s",
+                        "decorated ÷ floor per round (min / median / max)",
+                        "decorated ÷ undecorated per round (min / median / max)",
+                        "floor ÷ undecorated per round (min / median / max)",
+                        "µs added per task: floor / single_task", "error"], rows)
+    if detail:
+        out += "\n\nEvery round (tasks/s of each segment, in round order):\n\n" + table(
+            ["run", "undecorated", "floor lock", "decorated", "decorated ÷ floor"], detail)
+    out += ("\n\ntasks/s are medians over all rounds; *µs added per task* is the difference of the per-task times "
+            "(1 / median rate) multiplied by the concurrency: the time one pool process spends on it.")
+    return out
 
 
 def _producer_target(res: ProducerResult) -> list[str]:
@@ -425,37 +800,6 @@ def _short(name: str) -> str:
             replicas.FLOOR: "floor"}.get(name, name)
 
 
-def _e2e(results: Optional[list[PoolResult]], plan: Any) -> str:
-    head = ("## Celery end-to-end: a real worker drains no-op tasks\n\n"
-            f"Each run: a fresh queue holding a start mark, {plan.e2e_tasks:,} tasks and a done mark is filled, "
-            "then a fresh worker drains it; tasks/s counts from the start mark to the done mark (worker start-up "
-            f"excluded). {plan.e2e_rounds} round(s), the variants rotating which goes first. Decorated: "
-            "`@app.task` over `@single_run(key=\"bench:e2e:{n}\")` (a distinct key per task, so uncontended). "
-            "Floor lock: the same task taking `SET key token NX PX` and releasing with `EVALSHA` "
-            "compare-and-delete inline, the cheapest correct lock. No result backend; the worker's per-task "
-            "INFO log lines are off.\n\n")
-    if results is None:
-        return head + "Skipped (`--skip-e2e`)."
-    rows = []
-    for p in results:
-        def each(variant: str, p: PoolResult = p) -> str:
-            return ", ".join(f"{v:,.0f}" for v in p.rates[variant]) or "—"
-
-        def added_us(variant: str, p: PoolResult = p) -> float:
-            return (1 / p.median(variant) - 1 / p.median("plain")) * 1e6 * p.concurrency
-
-        rows.append([f"{p.pool} (concurrency {p.concurrency})", _f(p.median("plain"), 0), _f(p.median("floor"), 0),
-                     _f(p.median("locked"), 0), _x(p.ratio("floor")), _x(p.ratio()), _f(added_us("floor"), 0),
-                     _f(added_us("locked"), 0), f"{each('plain')} / {each('floor')} / {each('locked')}",
-                     p.error or ""])
-    return head + table(["pool", "undecorated tasks/s", "floor lock tasks/s", "decorated tasks/s",
-                         "floor ÷ undecorated", "decorated ÷ undecorated", "µs added per task by the floor",
-                         "µs added per task by single_task", "each run (undecorated / floor / decorated)", "error"],
-                        rows) + ("\n\ntasks/s are medians over the rounds; *µs added per task* is the difference "
-                                 "of the per-task times (1 / rate) multiplied by the concurrency: the time one "
-                                 "pool process spends on it.")
-
-
 def _held(held: HeldResult) -> str:
     head = "## Scale: leases held at once in one process\n\n"
     if held.error:
@@ -465,7 +809,7 @@ def _held(held: HeldResult) -> str:
         ["ttl (renewal due every ttl/3)", f"{held.ttl:g} s"],
         ["time to acquire all", f"{held.acquire_s * 1000:,.0f} ms"],
         ["OS threads in the process before / while holding", f"{held.threads_before} / {held.threads_holding}"],
-        ["threads that sent anything during window 2", str(held.renew_threads)],
+        ["threads that sent anything during window 2 (the holding thread sleeps)", str(held.renew_threads)],
         ["window 1 (nothing patched): renewals executed by the server",
          f"{held.renewals:,} in {held.window_s:g} s ({held.renewals / held.window_s:,.0f}/s; "
          f"{held.renewals / held.window_s / held.leases * held.ttl:.1f} per lease per ttl)"],
@@ -474,7 +818,7 @@ def _held(held: HeldResult) -> str:
         ["window 2 (round trips counted): renewals / round trips from the watchdog thread",
          f"{held.counted_renewals:,} / {held.renew_round_trips:,} in {held.window_s:g} s "
          f"({held.renew_round_trips / held.window_s:,.1f} round trips/s)"],
-        ["leases lost / alive at the end", f"{held.lost} / {held.alive_at_end:,}"],
+        ["leases lost / alive at the end", f"{held.lost} / {held.alive_at_end:,} (alive by {held.alive_by})"],
     ]
     return head + table(["", ""], rows) + (
         "\n\nOne lease per `with` block, all nested in one thread's ExitStack; every lease is on the same "
@@ -520,39 +864,3 @@ def _cache(cache: CacheResult) -> str:
             "the one extra round trip.")
     return head + table(["call", "lease round trips", "lease commands sent", "connection handshake sent",
                          "error surfaced"], rows) + note + (f"\n\nStopped: {cache.error}" if cache.error else "")
-
-
-def _where_time_goes(data: dict[str, Any]) -> str:
-    timed: dict[str, Timed] = data["timed"]
-    counts: dict[str, Counts] = data["counts"]
-    cost: PythonCost = data["python_cost"]
-    prof: Profile = data["profile"]
-    out = ["## Where single_task's cycle time goes", ""]
-    dec, floor, ping = timed.get(ST_DECORATED), timed.get(FLOOR), timed.get(PING)
-    if dec and floor and ping and dec.samples and floor.samples and ping.samples:
-        kd, kf = counts.get(ST_DECORATED), counts.get(FLOOR)
-        total = dec.median_us
-        rows = [
-            ["decorated call, median (from the interleaved rounds)", _f(total), "100 %"],
-            ["  single_task's own Python (stub client answering instantly, no I/O)", _f(cost.decorated_us),
-             f"{cost.decorated_us / total * 100:.0f} %"],
-            ["  Redis server time (commandstats usec, both scripts)", _f(kd.server_usec) if kd else "n/a",
-             f"{kd.server_usec / total * 100:.0f} %" if kd else ""],
-            ["  the rest: 2 × (redis-py call + loopback + kernel)",
-             _f(total - cost.decorated_us - (kd.server_usec if kd else 0)),
-             f"{(total - cost.decorated_us - (kd.server_usec if kd else 0)) / total * 100:.0f} %"],
-            ["floor, median", _f(floor.median_us), f"{floor.median_us / total * 100:.0f} % of the decorated call"],
-            ["  floor's Redis server time", _f(kf.server_usec) if kf else "n/a", ""],
-            ["one PING, median", _f(ping.median_us), ""],
-            ["gap to the floor (decorated − floor)", _f(total - floor.median_us),
-             f"{(total - floor.median_us) / total * 100:.0f} %"],
-        ]
-        out += [table(["", "µs", "share"], rows), ""]
-    out += [f"single_task's own Python per cycle with the stub client: decorated {cost.decorated_us:.1f} µs, "
-            f"`with single_run(...)` {cost.with_us:.1f} µs, skip path {cost.skip_us:.1f} µs.", "",
-            f"cProfile of {prof.cycles:,} uncontended decorated calls against Redis "
-            f"({prof.wall_us_per_cycle:.0f} µs per call under the profiler); top functions by own time:", "",
-            table(["function", "where", "calls per cycle", "own µs per cycle", "cumulative µs per cycle"],
-                  [[f"`{r.function}`", r.where, f"{r.calls_per_cycle:g}", f"{r.own_us:.2f}", f"{r.cumulative_us:.2f}"]
-                   for r in prof.rows])]
-    return "\n".join(out)

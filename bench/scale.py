@@ -13,8 +13,6 @@ from bench.measure import WireCounter, commandstats, stats_delta
 from single_task import Lease, single_run
 from support.redis_server import RedisServer
 
-WATCHDOG_THREAD = "single_task-watchdog"
-
 
 def _os_threads() -> int:
     return len(os.listdir("/proc/self/task"))
@@ -33,11 +31,8 @@ def _thread_cpu_seconds(native_id: Optional[int]) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks  # fields 14 and 15 of stat, counted after ')'
 
 
-def _watchdog_native_id() -> Optional[int]:
-    for thread in threading.enumerate():
-        if thread.name == WATCHDOG_THREAD:
-            return thread.native_id
-    return None
+def _threads_cpu_seconds(native_ids: list[Optional[int]]) -> float:
+    return sum(_thread_cpu_seconds(n) for n in native_ids)
 
 
 @dataclass
@@ -48,14 +43,23 @@ class HeldResult:
     threads_before: int = 0
     threads_holding: int = 0
     acquire_s: float = 0.0
-    renewals: int = 0  # EVALSHA executed by the server in window 1 (nothing else runs then)
+    renewals: int = 0  # scripts executed by the server in window 1 (nothing else runs then)
     counted_renewals: int = 0  # the same in window 2, while round trips are counted
     renew_round_trips: int = 0  # sends by the watchdog thread in window 2
     renew_threads: int = 0  # distinct threads that sent anything in window 2
     watchdog_cpu_s: float = float("nan")
     lost: int = 0
     alive_at_end: int = 0
+    alive_by: str = ""
     error: Optional[str] = None
+
+
+SCRIPT_COMMANDS = ("EVALSHA", "EVAL", "EVALSHA_RO", "EVAL_RO", "FCALL", "FCALL_RO")
+
+
+def _scripts_run(delta: dict[str, tuple[int, int]]) -> int:
+    """Scripts (or functions) the server ran: each renewal is one, however the library names it."""
+    return sum(delta.get(name, (0, 0))[0] for name in SCRIPT_COMMANDS)
 
 
 def held_leases(server: RedisServer, count: int, ttl: float, window_s: float) -> HeldResult:
@@ -68,31 +72,43 @@ def held_leases(server: RedisServer, count: int, ttl: float, window_s: float) ->
     try:
         with contextlib.ExitStack() as stack:
             res.threads_before = _os_threads()
+            threads_before = set(threading.enumerate())
             t0 = time.monotonic()
-            for key in keys:
-                stack.enter_context(single_run(key=key, ttl=ttl, client=client, on_lost=lost.append))
+            leases = [stack.enter_context(single_run(key=key, ttl=ttl, client=client, on_lost=lost.append))
+                      for key in keys]
             res.acquire_s = time.monotonic() - t0
             res.threads_holding = _os_threads()
-            native = _watchdog_native_id()
+            # The library's watchdog: a thread named so, or else the threads the leases started.
+            native = [t.native_id for t in threading.enumerate() if "watchdog" in t.name.lower()] or [
+                t.native_id for t in threading.enumerate() if t not in threads_before]
             # Window 1, nothing patched: server-side renewals and the watchdog thread's CPU time.
-            cpu0 = _thread_cpu_seconds(native)
+            cpu0 = _threads_cpu_seconds(native)
             before = commandstats(probe)
             time.sleep(window_s)
             after = commandstats(probe)
-            res.watchdog_cpu_s = _thread_cpu_seconds(native) - cpu0
-            res.renewals = stats_delta(before, after).get("EVALSHA", (0, 0))[0]
+            res.watchdog_cpu_s = _threads_cpu_seconds(native) - cpu0
+            res.renewals = _scripts_run(stats_delta(before, after))
             # Window 2, under the wire counter: which threads send, and in how many round trips.
             before = commandstats(probe)
             with WireCounter() as wire:
                 time.sleep(window_s)
             after = commandstats(probe)
-            res.counted_renewals = stats_delta(before, after).get("EVALSHA", (0, 0))[0]
-            res.renew_round_trips = wire.by_thread[WATCHDOG_THREAD]
+            res.counted_renewals = _scripts_run(stats_delta(before, after))
+            # Nothing else in this process sends during the window (this thread sleeps).
+            res.renew_round_trips = wire.round_trips
             res.renew_threads = len(wire.by_thread)
-            pipe = probe.pipeline(transaction=False)
-            for key in keys:
-                pipe.pttl(f"single_task:{{{key}}}")
-            res.alive_at_end = sum(1 for pttl in pipe.execute() if pttl > 0)
+            # Alive by the server's word: the lease's own Redis key (Lease.redis_key, public) has a ttl.
+            # Without that attribute, by the holder's word (Lease.lost).
+            redis_keys = [getattr(lease, "redis_key", None) for lease in leases]
+            if all(isinstance(k, str) for k in redis_keys):
+                pipe = probe.pipeline(transaction=False)
+                for k in redis_keys:
+                    pipe.pttl(str(k))
+                res.alive_at_end = sum(1 for pttl in pipe.execute() if pttl > 0)
+                res.alive_by = "the server (PTTL of each Lease.redis_key)"
+            else:
+                res.alive_at_end = sum(1 for lease in leases if not lease.lost)
+                res.alive_by = "the holder (not Lease.lost)"
         res.lost = len(lost)
     except Exception as exc:
         res.error = f"{type(exc).__name__}: {exc}"
