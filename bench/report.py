@@ -213,7 +213,7 @@ def _header(data: dict[str, Any]) -> str:
         ["latency phase, per parser", "; ".join(parsers) or "not run"],
         ["parser of every other phase", f"`{parent_parser}` (redis-py's default in this environment)"],
         ["peers", ", ".join(f"{d} {_version(d)}" for d in PEER_DISTS[4:])],
-        ["single_task", _version("single_task") if _version("single_task") != "not installed" else "working tree"],
+        ["single_task", _code_identity()],
         ["run length", f"{data['seconds']:.0f} s ("
                        + ", ".join(f"{k} {v:.0f} s" for k, v in phase_s.items()) + ")"],
         ["latency plan", f"{plan.rounds} rounds × {plan.batch} cycles per contender and parser, in {plan.legs} "
@@ -223,6 +223,34 @@ def _header(data: dict[str, Any]) -> str:
         "\n\nThe machine is shared (other test and chaos runs may be going on); the load average above says how "
         "much. Only ratios between contenders measured in the same rounds are compared; absolute µs move with "
         "the load.")
+
+
+def _code_identity() -> str:
+    """Which single_task.py was measured: the file imported, its hash, and the git commit if there is one."""
+    import hashlib
+    import subprocess
+
+    import single_task
+
+    path = single_task.__file__ or ""
+    try:
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    except OSError:
+        digest = "unreadable"
+    where = os.path.dirname(os.path.abspath(path))
+    git = "not a git checkout"
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=where, capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--", os.path.basename(path)], cwd=where,
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            git = f"git {head.stdout.strip()}" + (", single_task.py modified in the work tree" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    version = getattr(single_task, "__version__", "?")
+    return f"{version}, `{path}` (sha256 {digest}…; {git})"
 
 
 # -- targets -------------------------------------------------------------------------------------------
