@@ -73,7 +73,7 @@ def _worker_failure(worker: Any, what: str) -> DemoFailed:
 
 def _most_at_once(runs: list[tuple[float, float]]) -> int:
     """The largest number of runs going on at one moment (a run ending as another starts: 1)."""
-    events = sorted([(start, 1) for start, _ in runs] + [(end, -1) for _, end in runs], key=lambda e: (e[0], e[1]))
+    events = sorted([(start, 1) for start, _ in runs] + [(end, -1) for _, end in runs])  # ends first on a tie
     most = active = 0
     for _, step in events:
         active += step
@@ -192,6 +192,7 @@ def main() -> int:
         finally:
             worker.stop()
         ok = _report(tasks, stats, results)
+        os.unlink(worker.logfile)  # kept only when the worker failed: the message points to it
         print(f"\n{elapsed:.1f} s for the flood. " + ("All claims hold." if ok else "SOME CLAIMS FAILED."))
         return 0 if ok else 1
     finally:
@@ -203,6 +204,10 @@ if __name__ == "__main__":
         code = main()
     except DemoFailed as failure:
         print(f"demo failed: {failure}", file=sys.stderr)
+        code = 1
+    except ModuleNotFoundError as missing:
+        print(f"demo failed: {missing} -- install the project with its dependencies in a venv "
+              "(pip install '.[demo]') and run the demo with that venv's python", file=sys.stderr)
         code = 1
     # os._exit: on Celery < 5.7 result objects try to reconnect to the stopped server at exit.
     sys.stdout.flush()
