@@ -124,11 +124,13 @@ class Lease:
         "_client",
         "_context",
         "_deadline",
-        "_lost",
+        "_next_token",
         "_on_lost",
         "_parent",
-        "_released",
+        "_pid",
         "_renew_at",
+        "_renewing",
+        "_state",
         "_token",
         "_ttl",
         "acquired_at",
@@ -163,8 +165,11 @@ class Lease:
         self._client = client
         self._deadline = deadline
         self._renew_at = deadline - ttl + ttl / 3.0
-        self._lost = fail_open
-        self._released = False
+        # One of "held", "releasing", "released", "lost": see the lease lifecycle below.
+        self._state = _LOST if fail_open else _HELD
+        self._renewing = False  # handed to a renewer thread, answer pending
+        self._next_token = ""  # the token a rerun takes over under, once a release asked for one
+        self._pid = os.getpid()  # leases belong to the process that took them
         self._on_lost = on_lost
         self._parent: Optional[Lease] = None
         self._context: Optional[contextvars.Token[Optional[Lease]]] = None
@@ -172,12 +177,15 @@ class Lease:
     @property
     def lost(self) -> bool:
         """True once the lease may have passed to someone else (read the clock, not a cache)."""
-        return self._lost or time.monotonic() >= self._deadline
+        state = self._state
+        return state == _LOST or (state != _RELEASED_STATE and time.monotonic() >= self._deadline)
 
     @property
     def time_left(self) -> float:
         """Seconds this holder can still count on, by its own conservative clock."""
-        return 0.0 if self._lost else max(0.0, self._deadline - time.monotonic())
+        if self._state != _HELD and self._state != _RELEASING:
+            return 0.0
+        return max(0.0, self._deadline - time.monotonic())
 
     @property
     def ttl(self) -> float:
@@ -256,10 +264,18 @@ class single_run:  # noqa: N801 - used like a function: @single_run(...) and wit
             raise ConfigurationError(f"key must be a str template or a callable, not {type(key).__name__}")
         if isinstance(key, str) and not key:
             raise ConfigurationError("key must not be empty")
-        if isinstance(key, str) and not _looks_like_template(key):
-            _check_key(key)
+        self._literal: Optional[str] = None  # the key of a with block, braces undoubled
+        if isinstance(key, str):
+            _template_fields(key, "key")  # a malformed template is refused here, with the rule
+            if not _template_fields(key, "key"):
+                self._literal = key.format()
+                _check_key(self._literal)
         self.key = key
         self._resolved_client: Any = None
+        # The leases this object's with blocks hold, so that __exit__ finds its own whatever
+        # context it runs in (a generator stepped from copied contexts).
+        self._entered: list[Lease] = []
+        self._entered_lock = threading.Lock()
 
     # -- decorator ------------------------------------------------------------------------------
 
@@ -283,7 +299,7 @@ class single_run:  # noqa: N801 - used like a function: @single_run(...) and wit
 
         @functools.wraps(fn)
         def single_run_wrapper(*args: P.args, **kwargs: P.kwargs) -> Optional[R]:
-            return _run(spec, fn, renderer, args, kwargs)
+            return _run(spec, fn, single_run_wrapper, renderer, args, kwargs)
 
         # Celery checks call arguments with inspect.getfullargspec, which ignores __wrapped__
         # but honours __signature__: without it .delay() would accept any arguments.
@@ -305,35 +321,35 @@ class single_run:  # noqa: N801 - used like a function: @single_run(...) and wit
     # -- context manager ------------------------------------------------------------------------
 
     def __enter__(self) -> Lease:
-        if self.key is None or callable(self.key) or _looks_like_template(self.key):
+        key = self._literal
+        if key is None:
             raise ConfigurationError(
-                f"`with single_run(key=...)` needs a plain string key, not {self.key!r}: "
-                "there are no function arguments to fill it from"
+                f"`with single_run(key=...)` needs a plain string key, not {self.key!r}: there are no "
+                "function arguments to fill it from (write {{ and }} for literal braces)"
             )
         if self.on_busy == "rerun":
             raise ConfigurationError(
                 f"on_busy='rerun' needs a decorated function to run again; a with block for "
-                f"{self.key!r} cannot be rerun (use 'wait' or 'raise')",
-                self.key,
+                f"{key!r} cannot be rerun (use 'wait' or 'raise')",
+                key,
             )
-        lease = _acquire(self, self.key, "wait" if self.on_busy == "wait" else "raise", None)
+        lease = _acquire(self, key, "wait" if self.on_busy == "wait" else "raise", None, _client_of(self, None))
         assert lease is not None  # "raise" and "wait" never return None
         lease._parent = _current.get()
         lease._context = _current.set(lease)
+        with self._entered_lock:
+            self._entered.append(lease)
         return lease
 
     def __exit__(self, *exc: object) -> None:
-        # `with` blocks nest, so the innermost lease of this context is the one this block took;
-        # nothing is kept on self, which many threads may share.
-        lease = _current.get()
-        if lease is None or lease._context is None:
-            raise RuntimeError(f"{self!r}: __exit__ without a matching __enter__ in this context")
-        if isinstance(self.key, str) and lease.redis_key != _lease_key(self.prefix, self.key):
-            raise RuntimeError(
-                f"{self!r}: the innermost lease of this context is {lease.key!r}; with blocks must end "
-                "in the reverse order of their start"
-            )
-        _current.reset(lease._context)
+        lease = self._exiting()
+        if lease is None:
+            raise RuntimeError(f"{self!r}: __exit__ without a matching __enter__")
+        if _current.get() is lease:
+            try:
+                _current.reset(lease._context)  # type: ignore[arg-type]
+            except ValueError:  # entered in another context (a copy): restore by hand
+                _current.set(lease._parent)
         if _release(lease, "abort") == _RELEASED_OWED:
             log_release.warning(
                 "A rerun of %r was requested while a with block held it; a with block cannot be "
@@ -341,13 +357,32 @@ class single_run:  # noqa: N801 - used like a function: @single_run(...) and wit
                 lease.key,
             )
 
+    def _exiting(self) -> Optional[Lease]:
+        """The lease this block's __enter__ took: the innermost of this context if it is one of
+        ours (with blocks nest, and many threads may share this object), else the last one ours
+        that this process still holds."""
+        current = _current.get()
+        with self._entered_lock:
+            for lease in reversed(self._entered):
+                if lease is current:
+                    break
+            else:
+                mine = [le for le in self._entered if _in_this_process(le)]
+                lease = (mine or self._entered or [None])[-1]  # type: ignore[list-item]
+                if lease is None:
+                    return None
+            self._entered.remove(lease)
+        return lease
+
     def __repr__(self) -> str:
         return f"single_run(key={self.key!r}, ttl={self.ttl}, on_busy={self.on_busy!r})"
 
 
 def current_lease() -> Optional[Lease]:
-    """The lease of the innermost run or ``with`` block in this context, or None outside one."""
-    return _current.get()
+    """The lease of the innermost run or ``with`` block in this context, or None outside one
+    (and in a forked child, which does not hold its parent's leases)."""
+    lease = _current.get()
+    return lease if lease is None or lease._pid == _holder.pid else None
 
 
 def is_running(task_or_function: Any, *args: Any, **kwargs: Any) -> bool:
@@ -362,7 +397,7 @@ def is_running(task_or_function: Any, *args: Any, **kwargs: Any) -> bool:
         args = (bound_task, *args)
     key = renderer.render(args, kwargs, partial=True)
     _check_key(key)
-    client = _client_of(spec)
+    client = _client_of(spec, task_or_function if hasattr(task_or_function, "apply_async") else None)
     try:
         return bool(client.exists(_lease_key(spec.prefix, key)))
     except redis.RedisError as exc:
@@ -374,8 +409,9 @@ def send_once(task: Any, args: Any = None, kwargs: Optional[dict[str, Any]] = No
     waiting in the queue: then return that message's ``AsyncResult`` and send nothing.
 
     The key is the one ``@single_run`` derives from the same arguments. The "queued" marker is
-    taken before publishing and given up when the run starts, so at most one message per key
-    waits while another runs; if publishing fails the marker is removed and the error propagates.
+    taken before publishing (provisionally, for a few seconds), confirmed once the message is
+    published, and given up when the run starts, so at most one message per key waits while
+    another runs; if publishing fails the marker is removed and the error propagates.
     """
     if not hasattr(task, "apply_async"):
         raise ConfigurationError(f"send_once needs the Celery task, not {task!r}")
@@ -384,25 +420,48 @@ def send_once(task: Any, args: Any = None, kwargs: Optional[dict[str, Any]] = No
     call_kwargs = dict(kwargs or {})
     key = renderer.render((bound_task, *call_args) if bound_task is not None else call_args, call_kwargs)
     _check_key(key)
-    client = _client_of(spec)
-    keys = _keys(_lease_key(spec.prefix, key))
-    task_id = options.pop("task_id", None) or str(uuid.uuid4())
+    client = _client_of(spec, task)
+    marker = _lease_key(spec.prefix, key) + ":queued"
+    # After a check that failed (a timeout: it may still have run), the next call from this
+    # process uses the same task id, so that a marker the failed check left counts as its own.
+    task_id = options.pop("task_id", None) or _unsent.pop(marker, None) or str(uuid.uuid4())
     ttl = _queued_ttl(spec, task, options)
     try:
-        waiting = _script(client, keys, "q", task_id, int(ttl * 1000))
-    except redis.RedisError as exc:
-        raise RedisUnavailable(f"could not check the queue for {key!r}, so nothing was sent: {exc}", key) from exc
+        waiting = _call(client, _MARK, marker, task_id, _PROVISIONAL_MS)
+    except BaseException as exc:
+        _remember_unsent(marker, task_id)
+        if isinstance(exc, redis.RedisError):
+            raise RedisUnavailable(f"could not check the queue for {key!r}, so nothing was sent: {exc}",
+                                   key) from exc
+        raise
     if waiting is not None:
         waiting_id = waiting.decode() if isinstance(waiting, bytes) else str(waiting)
         log_acquire.debug("Queued already %r: returning task %s", key, waiting_id)
         return task.AsyncResult(waiting_id)
     try:
-        return task.apply_async(call_args, call_kwargs, task_id=task_id, **options)
+        result = task.apply_async(call_args, call_kwargs, task_id=task_id, **options)
     except BaseException:
         # Nothing was queued, so no marker may say so.
-        with contextlib.suppress(redis.RedisError):
-            _script(client, keys, "u", task_id)
+        with contextlib.suppress(Exception):
+            _call(client, _CONFIRM, marker, task_id, 0, "0")
         raise
+    try:
+        _call(client, _CONFIRM, marker, task_id, int(ttl * 1000), "1")
+    except redis.RedisError as exc:
+        # Published all the same; the provisional marker expires in seconds, and a duplicate
+        # sent meanwhile would only find the key busy.
+        log_acquire.warning("Could not confirm the queued marker of %r (%s); it expires in %.0fs", key, exc,
+                            _PROVISIONAL_MS / 1000.0)
+    return result
+
+
+_unsent: dict[str, str] = {}
+
+
+def _remember_unsent(marker: str, task_id: str) -> None:
+    if len(_unsent) >= 1000:  # bounded: the oldest is forgotten (its marker expires anyway)
+        _unsent.pop(next(iter(_unsent)))
+    _unsent[marker] = task_id
 
 
 def is_queued(task: Any, *args: Any, **kwargs: Any) -> bool:
@@ -413,7 +472,7 @@ def is_queued(task: Any, *args: Any, **kwargs: Any) -> bool:
     key = renderer.render(args, kwargs, partial=True)
     _check_key(key)
     try:
-        return bool(_client_of(spec).exists(_lease_key(spec.prefix, key) + ":queued"))
+        return bool(_client_of(spec, task).exists(_lease_key(spec.prefix, key) + ":queued"))
     except redis.RedisError as exc:
         raise RedisUnavailable(f"could not ask Redis whether {key!r} is queued: {exc}", key) from exc
 
@@ -421,32 +480,22 @@ def is_queued(task: Any, *args: Any, **kwargs: Any) -> bool:
 # ------------------------------------------------------------------------------------------------
 # The lease core
 # ------------------------------------------------------------------------------------------------
+#
+# A lease in Redis is a hash at ``P{key}``: t (owner token), f (fence), i (Celery task id), h
+# (pid@host), s (taken at, server ms), r (a rerun is owed). Its companions share the hash tag, so
+# every script touches one Redis Cluster slot; the scripts derive them from KEYS[1]:
+#   :fence   the last fence issued, and after a release ":token" of the lease released last
+#   :q :w    the wait queue (tokens, first come first served) and each waiter's details
+#   :h:TOKEN the hand-off list a waiter blocks on
+#   :queued  the task id of a send_once message waiting in the broker ("p:" while unconfirmed)
+# A script that fails half-way keeps what it wrote, so every key gets its expiry in the command
+# that creates it, or right after it through pcall (deleted if the expiry is refused): no error,
+# an ACL missing a command say, leaves a key that never expires.
 
-# Every operation on a key is this one script, so each step of the protocol is atomic on the node
-# that owns the key's hash slot. KEYS: lease hash, fence counter, wait queue, waiter details, and
-# the queued marker of send_once (the id of the task message waiting in the broker).
-# ARGV[1] is the operation:
-#   a  acquire: take the key if free; if busy, return its PTTL and (by ARGV[6]) ask the holder
-#      for a rerun or join the wait queue. A holder with the caller's Celery task id is the
-#      caller's own previous attempt, releasing after self.retry(): the caller always waits (and
-#      asks for a rerun too under 'rerun': the holder may be the same message, delivered again).
-#   n  renew: replace the TTL, only if the caller still owns the key.
-#   r  release, only by the owner: run again if a rerun is owed and ARGV[4] is 'e'; otherwise
-#      delete, then hand the key straight to the first live waiter ('c' cancels a wait first).
-#   x  release for an operator, whoever holds it: return the holder's fields, hand the key on.
-#   q  mark a message as queued unless one already is (returns the queued task id, or nil).
-#   u  unmark a message that could not be published (only if the marker is still its own).
-# A run gives up its own queued marker when it starts, or when it finds the key busy and will not
-# wait (its request is then served by the holder), in the same round trip as its acquire.
-# A fence is the server clock in microseconds, never below the last fence issued for the key, so
-# it keeps growing across expiry of the counter key and across restarts.
-# A script that fails half-way keeps what it wrote, so reads come before writes and every key
-# gets its expiry right after it is created: no error (an ACL missing a command, say) can leave a
-# key that never expires.
-_SCRIPT: Final = r"""
-local lease, fkey, queue, winfo, queued = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local op, token = ARGV[1], ARGV[2]
-
+# Shared Lua: a fence is the server clock in microseconds, above the last one issued for the key
+# (kept ttl + 60 s in :fence), so it grows across expiry and restarts. ``tomb`` is what the fence
+# key remembers besides: the token of the lease released last (see _RELEASE).
+_LUA_TAKE: Final = r"""
 local function expire(key, ms)
   local ok = redis.pcall('PEXPIRE', key, ms)
   if type(ok) == 'table' and ok.err then
@@ -454,41 +503,43 @@ local function expire(key, ms)
     error(ok.err)
   end
 end
-
-local function unqueue(tid)
-  if tid ~= '' and redis.call('GET', queued) == tid then redis.call('DEL', queued) end
-end
-
-local function now_us()
+local function take(lease, token, ttl, tid, holder, tomb)
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-
-local function take(who, ttl, tid, holder, now)
-  local fence = now
-  local last = tonumber(redis.call('GET', fkey) or '0')
-  if fence <= last then fence = last + 1 end
-  local f = string.format('%.0f', fence)
-  redis.call('SET', fkey, f, 'PX', tonumber(ttl) + 60000)
-  redis.call('HSET', lease, 't', who, 'f', f, 'i', tid, 'h', holder,
-             's', string.format('%.0f', math.floor(now / 1000)))
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local fkey = lease .. ':fence'
+  local old = redis.call('GET', fkey)
+  if old then
+    local last, rest = string.match(old, '^(%d+)(.*)$')
+    if last and now <= tonumber(last) then now = tonumber(last) + 1 end
+    if tomb == nil then tomb = rest or '' end
+  end
+  local f = string.format('%.0f', now)
+  redis.call('SET', fkey, f .. (tomb or ''), 'PX', tonumber(ttl) + 60000)
+  local since = string.format('%.0f', math.floor(now / 1000))
+  redis.call('HSET', lease, 't', token, 'f', f, 'i', tid, 'h', holder, 's', since)
   expire(lease, ttl)
-  return f
+  return f, now
 end
+"""
 
-local function hand_off()
-  local now = nil
+# Shared Lua: hand the free key to the first waiter still alive, provisionally: the lease lasts
+# _HANDOFF_MS until the waiter confirms it (a waiter killed while blocked keeps it no longer).
+_LUA_HAND_OFF: Final = r"""
+local function hand_off(lease, tomb)
+  local queue, winfo = lease .. ':q', lease .. ':w'
   while true do
     local w = redis.call('LPOP', queue)
     if not w then return end
     local info = redis.call('HGET', winfo, w)
     if info then
       redis.call('HDEL', winfo, w)
-      now = now or now_us()
       local alive, ttl, tid, holder = string.match(info, '^(%d+)|(%d+)|([^|]*)|(.*)$')
-      if alive and tonumber(alive) * 1000 >= now then
-        local f = take(w, ttl, tid, holder, now)
-        unqueue(tid)
+      local t = redis.call('TIME')
+      if alive and tonumber(alive) >= tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) then
+        local f = take(lease, w, math.min(tonumber(ttl), tonumber(ARGV[#ARGV])), tid, holder, tomb)
+        local queued = lease .. ':queued'
+        local cur = redis.call('GET', queued)
+        if tid ~= '' and (cur == tid or cur == 'p:' .. tid) then redis.call('DEL', queued) end
         local hk = lease .. ':h:' .. w
         redis.call('RPUSH', hk, f)
         expire(hk, ttl)
@@ -497,110 +548,194 @@ local function hand_off()
     end
   end
 end
+"""
 
-if op == 'q' then
-  local cur = redis.call('GET', queued)
-  if cur then return cur end
-  redis.call('SET', queued, token, 'PX', ARGV[3])
-  return false
+# Take the lease if it is free, and give up this task's queued marker. If it is busy: report its
+# PTTL, and as asked (ARGV[5]) flag a rerun ('r') or join the wait queue ('w'). A caller whose
+# token already holds it (a retried acquire, a waiter handed the key) confirms it for a full ttl.
+# A holder with the caller's Celery task id is the caller's own previous attempt, releasing after
+# self.retry(): the caller always waits (and under 'rerun' also asks for a rerun: the holder may
+# be the same message, delivered again).
+# ARGV: token, ttl ms, task id, holder, busy code, waiter lifetime ms. Returns {1, fence} or
+# {0, pttl, own}.
+_ACQUIRE: Final = _LUA_TAKE + r"""
+local lease, token, ttl, tid, busy = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[5]
+local cur = redis.call('HMGET', lease, 't', 'i', 'f')
+if not cur[1] then
+  local f = take(lease, token, ttl, tid, ARGV[4])
+  if tid ~= '' then
+    local queued = lease .. ':queued'
+    local q = redis.call('GET', queued)
+    if q == tid or q == 'p:' .. tid then redis.call('DEL', queued) end
+  end
+  if busy == 'w' then
+    redis.call('LREM', lease .. ':q', 0, token)
+    redis.call('HDEL', lease .. ':w', token)
+  end
+  return {1, f}
 end
+if cur[1] == token then
+  redis.call('PEXPIRE', lease, ttl)
+  redis.call('DEL', lease .. ':h:' .. token)
+  return {1, cur[3]}
+end
+local own = 0
+if tid ~= '' and cur[2] == tid then
+  own = 1
+  if busy == 'r' then redis.call('HSET', lease, 'r', '1') end
+  busy = 'w'
+end
+local pttl = redis.call('PTTL', lease)
+if busy ~= 'w' and tid ~= '' then
+  local queued = lease .. ':queued'
+  local q = redis.call('GET', queued)
+  if q == tid or q == 'p:' .. tid then redis.call('DEL', queued) end
+end
+if busy == 'r' then
+  redis.call('HSET', lease, 'r', '1')
+elseif busy == 'w' then
+  local queue, winfo = lease .. ':q', lease .. ':w'
+  local keep = 2 * tonumber(ARGV[6])
+  local t = redis.call('TIME')
+  local until_ms = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[6]))
+  local wttl, qttl = redis.call('PTTL', winfo), redis.call('PTTL', queue)
+  local new = redis.call('HSET', winfo, token, until_ms .. '|' .. ttl .. '|' .. tid .. '|' .. ARGV[4])
+  if wttl < keep then expire(winfo, keep) end
+  if new == 1 then redis.call('RPUSH', queue, token) end
+  if qttl < keep then expire(queue, keep) end
+end
+return {0, pttl, own}
+"""
 
-if op == 'u' then
-  unqueue(token)
+# Replace the TTL, only while the caller owns the lease. ARGV: token, ttl ms. Returns 1 or 0.
+_RENEW: Final = r"""
+if redis.call('HGET', KEYS[1], 't') == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
 end
+return 0
+"""
 
-if op == 'n' then
-  if redis.call('HGET', lease, 't') == token then
-    redis.call('PEXPIRE', lease, ARGV[3])
-    return 1
-  end
-  return 0
+# Give the lease back, only by its owner. With ARGV[4] = 'e' and a rerun owed, the lease is taken
+# again at once under the new token ARGV[2], with a new fence (a rerun is a new acquisition).
+# Otherwise it is deleted, the fence key remembers this token, and the first live waiter is handed
+# the key. A release that a client retried after its first attempt got through finds the new token
+# (a rerun) or its own token remembered, and answers as the first attempt did.
+# ARGV: token, next token, ttl ms, mode, hand-off ms. Returns {0} not owner, {1} released,
+# {2, fence} run again, {3} released although a rerun was owed (mode 'a').
+_RELEASE: Final = _LUA_TAKE + _LUA_HAND_OFF + r"""
+local lease, token, mode = KEYS[1], ARGV[1], ARGV[4]
+local cur = redis.call('HMGET', lease, 't', 'r', 'f', 'i', 'h')
+if cur[1] ~= token then
+  if cur[1] and cur[1] == ARGV[2] then return {2, cur[3]} end
+  local old = redis.call('GET', lease .. ':fence')
+  if old and string.sub(old, -#token - 1) == ':' .. token then return {1} end
+  return {0}
 end
-
-if op == 'a' then
-  local ttl, tid, holder, busy = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-  local cur = redis.call('HMGET', lease, 't', 'i', 'f')
-  if not cur[1] then
-    local f = take(token, ttl, tid, holder, now_us())
-    unqueue(tid)
-    if busy == 'w' then
-      redis.call('LREM', queue, 0, token)
-      redis.call('HDEL', winfo, token)
-    end
-    return {1, f}
-  end
-  if cur[1] == token then
-    redis.call('DEL', lease .. ':h:' .. token)
-    return {1, cur[3]}
-  end
-  local own = 0
-  if tid ~= '' and cur[2] == tid then
-    -- Our own task id: a retry, or the broker delivering a running message again. Wait for the
-    -- hand-off, and under 'rerun' also ask for a rerun, in case the holder runs on instead.
-    own = 1
-    if busy == 'r' then redis.call('HSET', lease, 'r', '1') end
-    busy = 'w'
-  end
-  local pttl = redis.call('PTTL', lease)
-  if busy ~= 'w' then unqueue(tid) end
-  if busy == 'r' then
-    redis.call('HSET', lease, 'r', '1')
-  elseif busy == 'w' then
-    local keep = 2 * tonumber(ARGV[7])
-    local until_ms = string.format('%.0f', math.floor(now_us() / 1000) + tonumber(ARGV[7]))
-    local wttl, qttl = redis.call('PTTL', winfo), redis.call('PTTL', queue)
-    local new = redis.call('HSET', winfo, token, until_ms .. '|' .. ttl .. '|' .. tid .. '|' .. holder)
-    if wttl < keep then expire(winfo, keep) end
-    if new == 1 then redis.call('RPUSH', queue, token) end
-    if qttl < keep then expire(queue, keep) end
-  end
-  return {0, pttl, own}
-end
-
-if op == 'x' then
-  local cur = redis.call('HMGET', lease, 't', 'f', 'i', 'h', 's')
-  if not cur[1] then return false end
-  redis.call('DEL', lease)
-  hand_off()
-  return cur
-end
-
-local mode = ARGV[4]
-if mode == 'c' then
-  unqueue(ARGV[5])
-  redis.call('LREM', queue, 0, token)
-  redis.call('HDEL', winfo, token)
-  redis.call('DEL', lease .. ':h:' .. token)
-end
-local cur = redis.call('HMGET', lease, 't', 'r')
-if cur[1] ~= token then return 0 end
 if cur[2] and mode == 'e' then
   redis.call('HDEL', lease, 'r')
-  redis.call('PEXPIRE', lease, ARGV[3])
-  return 2
+  local f = take(lease, ARGV[2], ARGV[3], cur[4] or '', cur[5] or '', '')
+  return {2, f}
 end
 redis.call('DEL', lease)
-hand_off()
-if cur[2] then return 3 end
+local fkey = lease .. ':fence'
+local last = string.match(redis.call('GET', fkey) or '', '^(%d+)') or cur[3]
+redis.call('SET', fkey, last .. ':' .. token, 'PX', tonumber(ARGV[3]) + 60000)
+hand_off(lease, ':' .. token)
+if cur[2] then return {3} end
+return {1}
+"""
+
+# A waiter gives up: it leaves the queue and gives up its task's queued marker. If it was handed
+# the key meanwhile, it keeps it when ARGV[4] is '1' (its wait ended just as the key came: it
+# runs), or gives it back to the next waiter. ARGV: token, task id, ttl ms, keep, hand-off ms.
+# Returns {1, fence} kept, {0} not handed (or given back).
+_LEAVE: Final = _LUA_TAKE + _LUA_HAND_OFF + r"""
+local lease, token, tid = KEYS[1], ARGV[1], ARGV[2]
+redis.call('LREM', lease .. ':q', 0, token)
+redis.call('HDEL', lease .. ':w', token)
+redis.call('DEL', lease .. ':h:' .. token)
+local queued = lease .. ':queued'
+local q = redis.call('GET', queued)
+if tid ~= '' and (q == tid or q == 'p:' .. tid) then redis.call('DEL', queued) end
+local cur = redis.call('HMGET', lease, 't', 'f')
+if cur[1] ~= token then return {0} end
+if ARGV[4] == '1' then
+  redis.call('PEXPIRE', lease, ARGV[3])
+  return {1, cur[2]}
+end
+redis.call('DEL', lease)
+hand_off(lease, nil)
+return {0}
+"""
+
+# An operator's release, whoever holds the lease: return the holder's fields, delete the lease,
+# hand the key on. ARGV: hand-off ms. Returns the fields t f i h s, or nil when free.
+_FORCE: Final = _LUA_TAKE + _LUA_HAND_OFF + r"""
+local cur = redis.call('HMGET', KEYS[1], 't', 'f', 'i', 'h', 's')
+if not cur[1] then return false end
+redis.call('DEL', KEYS[1])
+hand_off(KEYS[1], nil)
+return cur
+"""
+
+# send_once: mark a message as queued, provisionally (ARGV[2] ms), unless one already is. Returns
+# nil when the caller should publish (also when the marker is its own: a check that a client
+# retried, or that the caller repeats after an error), else the id of the waiting message.
+_MARK: Final = r"""
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[1] and cur ~= 'p:' .. ARGV[1] then
+  if string.sub(cur, 1, 2) == 'p:' then return string.sub(cur, 3) end
+  return cur
+end
+redis.call('SET', KEYS[1], 'p:' .. ARGV[1], 'PX', ARGV[2])
+return false
+"""
+
+# send_once, after publishing: confirm the provisional marker for ARGV[2] ms (ARGV[3] '1'), or
+# remove it after a failed publish ('0') -- in both cases only while it is still the caller's.
+_CONFIRM: Final = r"""
+local cur = redis.call('GET', KEYS[1])
+if cur ~= 'p:' .. ARGV[1] and cur ~= ARGV[1] then return 0 end
+if ARGV[3] == '1' then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+else
+  redis.call('DEL', KEYS[1])
+end
 return 1
 """
-_SCRIPT_SHA: Final = hashlib.sha1(_SCRIPT.encode()).hexdigest()
 
-# Release outcomes, as the script returns them.
+_SHA: Final = {body: hashlib.sha1(body.encode()).hexdigest() for body in
+               (_ACQUIRE, _RENEW, _RELEASE, _LEAVE, _FORCE, _MARK, _CONFIRM)}
+
+# Release outcomes, as _RELEASE returns them, and the process's own.
 _NOT_OWNER: Final = 0
 _RELEASED: Final = 1
 _RERUN: Final = 2
 _RELEASED_OWED: Final = 3
-_UNCONFIRMED: Final = -1  # Redis did not answer the release: it expires by itself
+_UNCONFIRMED: Final = -1  # Redis did not answer the release: the key expires by itself
+_NOT_MINE: Final = -2  # a lease of the parent process, in a forked child: never touched
 # How many times in a row a rerun-policy run takes its key again after finding its lease lost.
 _RETAKES: Final = 3
-_RELEASE_MODE: Final = {"end": "e", "abort": "a", "cancel": "c"}
 _BUSY_CODE: Final = {"rerun": "r", "wait": "w"}  # what a busy acquire asks for; "t": nothing
 
 # The longest single BLPOP of a waiter: it re-polls at least this often, which keeps its place in
 # the queue alive and stays under the socket timeout of the clients built here.
 _WAIT_SLICE: Final = 5.0
+# A key handed to a waiter is held this long (at most its ttl) until the waiter confirms it, so
+# a waiter killed while blocked holds it no longer than that.
+_HANDOFF_MS: Final = 2000
+# A send_once marker is provisional for this long, until the message is published: a check that
+# failed or timed out leaves nothing that blocks the key for longer.
+_PROVISIONAL_MS: Final = 5000
+
+# The lease lifecycle. Every change of Lease._state happens under _state_lock, in one of the
+# functions below; the watchdog renews only held leases, and every way out of a run or a with
+# block moves its lease out of "held".
+_HELD: Final = "held"
+_RELEASING: Final = "releasing"
+_RELEASED_STATE: Final = "released"
+_LOST: Final = "lost"
 
 _current: contextvars.ContextVar[Optional[Lease]] = contextvars.ContextVar("single_task_lease", default=None)
 _HOST: Final = socket.gethostname()
@@ -615,10 +750,7 @@ class _Holder:
 
 
 _holder = _Holder()
-_lost_lock = threading.Lock()
-
-
-_Keys = tuple[str, str, str, str, str]
+_state_lock = threading.Lock()
 
 
 def _lease_key(prefix: str, key: str) -> str:
@@ -650,70 +782,67 @@ def _check_key(key: str) -> None:
         )
 
 
-def _keys(redis_key: str) -> _Keys:
-    return redis_key, redis_key + ":fence", redis_key + ":q", redis_key + ":w", redis_key + ":queued"
-
-
-def _script(client: Any, keys: _Keys, *args: Any) -> Any:
-    """Run the script by SHA; after a Redis restart emptied the cache, send it once in full."""
+def _call(client: Any, script: str, redis_key: str, *args: Any) -> Any:
+    """Run a script by SHA; after a Redis restart emptied the cache, send it once in full."""
     try:
-        return client.evalsha(_SCRIPT_SHA, 5, *keys, *args)
+        return client.evalsha(_SHA[script], 1, redis_key, *args)
     except redis.exceptions.NoScriptError:
-        return client.eval(_SCRIPT, 5, *keys, *args)
+        return client.eval(script, 1, redis_key, *args)
 
 
-def _acquire(spec: single_run, key: str, policy: str, task: Any) -> Optional[Lease]:
+def _in_this_process(lease: Optional[Lease]) -> bool:
+    return lease is not None and lease._pid == _holder.pid
+
+
+def _acquire(spec: single_run, key: str, policy: str, task: Any, client: Any) -> Optional[Lease]:
     """Take the lease for ``key`` or apply ``policy`` ("skip", "raise", "wait", "rerun").
 
     Returns the lease, or None when the call should return without running.
     """
     _check_key(key)
+    redis_key = _lease_key(spec.prefix, key)
     parent = _current.get()
     while parent is not None:
-        if parent.key == key and parent.redis_key == _lease_key(spec.prefix, key) and not parent.fail_open:
+        if parent.redis_key == redis_key and not parent.fail_open and _in_this_process(parent):
             raise AlreadyRunning(
                 f"{key!r} is already held by this very run (a nested call with the same key); "
                 "the inner call would wait for itself",
                 key,
             )
         parent = parent._parent
-    client = _client_of(spec)
-    redis_key = _lease_key(spec.prefix, key)
-    keys = _keys(redis_key)
     token = secrets.token_hex(16)
-    task_id = ""
-    if task is not None:
-        task_id = getattr(task.request, "id", None) or ""
+    task_id = (getattr(task.request, "id", None) or "") if task is not None else ""
     holder = {"host": _HOST, "pid": _holder.pid, "task_id": task_id or None}
-    holder_id = _holder.text
     busy = _BUSY_CODE.get(policy, "t")
-    alive_ms = spec._alive_ms
+    args = (token, spec._ttl_ms, task_id, _holder.text, busy, spec._alive_ms)
     # The deadline is counted from before the request is sent: the server's TTL can only have
     # started later, so this holder never believes in the lease longer than Redis keeps it.
     sent = time.monotonic()
     try:
         if spec.replicas:
-            reply = _replicated(spec, key, client, keys, "a", token, spec._ttl_ms, task_id, holder_id, busy, alive_ms)
+            reply = _replicated(spec, client, _ACQUIRE, redis_key, token, *args)
         else:
-            reply = _script(client, keys, "a", token, spec._ttl_ms, task_id, holder_id, busy, alive_ms)
+            reply = _call(client, _ACQUIRE, redis_key, *args)
     except redis.RedisError as exc:
-        return _redis_failed(spec, key, exc)
+        return _redis_failed(spec, key, client, exc)
+    except BaseException:
+        # Interrupted (a time limit, Ctrl-C) after the request may have reached Redis: if it took
+        # the key, give it back rather than leave it blocked for a ttl.
+        _give_back_quietly(client, redis_key, token, spec._ttl_ms)
+        raise
     if reply[0] == 1:
-        taken = Lease(key, redis_key, token, int(reply[1]), spec.ttl, client, sent + spec.ttl, holder, spec.on_lost)
-        _watchdog.add(taken)
-        log_acquire.debug("Acquired %r fence=%s", key, taken.fence)
-        return taken
+        return _held(spec, key, redis_key, token, int(reply[1]), client, sent, holder)
     pttl, own = int(reply[1]), int(reply[2])
     if own:
         # Our own earlier attempt holds the key and is about to release it (self.retry()
         # publishes before it unwinds): wait for the hand-off rather than skip our own retry.
-        lease = _wait(spec, key, client, keys, token, task_id, holder, holder_id, spec.ttl, pttl, sent)
+        lease = _wait(spec, key, client, redis_key, token, task_id, holder, spec.ttl, pttl, sent)
         if lease is not None:
             return lease
         if policy == "wait":
             sent = time.monotonic()
     if policy == "wait":
-        lease = _wait(spec, key, client, keys, token, task_id, holder, holder_id, spec.timeout, pttl, sent)
+        lease = _wait(spec, key, client, redis_key, token, task_id, holder, spec.timeout, pttl, sent)
         if lease is not None:
             return lease
         raise AlreadyRunning(f"{key!r} is still held after waiting {spec.timeout}s", key)
@@ -726,6 +855,22 @@ def _acquire(spec: single_run, key: str, policy: str, task: Any) -> Optional[Lea
     raise AlreadyRunning(f"{key!r} is already running (the holder's lease has {pttl} ms left)", key)
 
 
+def _held(spec: single_run, key: str, redis_key: str, token: str, fence: int, client: Any, sent: float,
+          holder: dict[str, Any]) -> Lease:
+    """A lease just confirmed by Redis (the request sent at ``sent``): held, and renewed from now on."""
+    lease = Lease(key, redis_key, token, fence, spec.ttl, client, sent + spec.ttl, holder, spec.on_lost)
+    _watchdog.add(lease)
+    log_acquire.debug("Acquired %r fence=%s", key, fence)
+    return lease
+
+
+def _give_back_quietly(client: Any, redis_key: str, token: str, ttl_ms: int) -> None:
+    # Best effort on the way out of an interrupted call: if this does not get through either,
+    # what it would remove expires by itself.
+    with contextlib.suppress(Exception):
+        _call(client, _LEAVE, redis_key, token, "", ttl_ms, "0", _HANDOFF_MS)
+
+
 def _alive_ms(ttl: float) -> int:
     # How long a waiter's place stays valid without news from it: two wait slices and a second.
     return int(2000 * min(ttl / 4.0, _WAIT_SLICE) + 1000)
@@ -735,11 +880,10 @@ def _wait(
     spec: single_run,
     key: str,
     client: Any,
-    keys: _Keys,
+    redis_key: str,
     token: str,
     task_id: str,
     holder: dict[str, Any],
-    holder_id: str,
     timeout: Optional[float],
     pttl_ms: int,
     sent: float,
@@ -748,72 +892,75 @@ def _wait(
 
     The caller already joined the queue (same round trip as the failed acquire). Each BLPOP is
     bounded by the holder's remaining TTL, so a holder that died is noticed when its lease runs
-    out, and by a slice short enough to keep our place in the queue marked alive.
+    out, and by a slice short enough to keep our place in the queue marked alive. However the
+    wait ends -- a time limit, Ctrl-C, a lost connection -- it leaves the queue, and gives back a
+    key handed to it that it will not use.
     """
-    handoff = keys[0] + ":h:" + token
+    handoff = redis_key + ":h:" + token
     slice_cap = min(spec.ttl / 4.0, _WAIT_SLICE, _socket_budget(client))
     end = math.inf if timeout is None else sent + timeout
-    proof = sent  # the last moment we know the key had not been handed to us yet
-    while True:
-        now = time.monotonic()
-        if now >= end:
-            try:
-                _script(client, keys, "r", token, spec._ttl_ms, "c", task_id)
-            except redis.RedisError as exc:
-                log_acquire.warning("Could not leave the wait queue of %r: %s", key, exc)
-            return None
-        block = max(0.01, min(slice_cap, pttl_ms / 1000.0 + 0.002, end - now))
-        sent_block = time.monotonic()
-        try:
-            got = client.blpop([handoff], timeout=block)
-            if got is not None:
-                fence = int(got[1])
+    try:
+        while True:
+            now = time.monotonic()
+            if now >= end:
+                # Leaving and learning whether the key came just now is one step: a key handed
+                # over at the last moment is kept (and run), not dropped with a rerun it may owe.
+                sent = time.monotonic()
+                reply = _call(client, _LEAVE, redis_key, token, task_id, spec._ttl_ms, "1", _HANDOFF_MS)
+                if reply[0] != 1:
+                    return None
+                fence = int(reply[1])
                 break
-            proof = sent_block
-            sent_poll = time.monotonic()
-            reply = _script(client, keys, "a", token, spec._ttl_ms, task_id, holder_id, "w", spec._alive_ms)
-        except redis.RedisError as exc:
-            _script_quietly(client, keys, token, spec._ttl_ms, task_id)
-            raise RedisUnavailable(f"lost touch with Redis while waiting for {key!r}: {exc}", key) from exc
-        if reply[0] == 1:
-            fence = int(reply[1])
-            break
-        proof = sent_poll
-        pttl_ms = int(reply[1])
-    if spec.replicas:
-        # The hand-off was written by the releaser's connection; WAIT only covers our own writes,
-        # so renew (a write of ours) and wait for that.
-        try:
-            _replicated(spec, key, client, keys, "n", token, spec._ttl_ms)
-        except redis.RedisError as exc:
-            _script_quietly(client, keys, token, spec._ttl_ms, task_id)
-            raise RedisUnavailable(f"could not confirm the lease for {key!r} on replicas: {exc}", key) from exc
-    lease = Lease(key, keys[0], token, fence, spec.ttl, client, proof + spec.ttl, holder, spec.on_lost)
-    _watchdog.add(lease)
-    log_acquire.debug("Acquired %r by hand-off, fence=%s", key, fence)
-    return lease
+            block = max(0.01, min(slice_cap, pttl_ms / 1000.0 + 0.002, end - now))
+            got = client.blpop([handoff], timeout=block)
+            sent = time.monotonic()
+            if got is not None:
+                # The hand-off is provisional until confirmed; a confirmation that comes too late
+                # finds the key gone, and the wait goes on.
+                if spec.replicas:
+                    confirmed = _replicated(spec, client, _RENEW, redis_key, token, token, spec._ttl_ms)
+                else:
+                    confirmed = _call(client, _RENEW, redis_key, token, spec._ttl_ms)
+                if int(confirmed) == 1:
+                    fence = int(got[1])
+                    break
+            args = (token, spec._ttl_ms, task_id, _holder.text, "w", spec._alive_ms)
+            reply = _call(client, _ACQUIRE, redis_key, *args)
+            if reply[0] == 1:
+                fence = int(reply[1])
+                break
+            pttl_ms = int(reply[1])
+    except redis.RedisError as exc:
+        _give_back_quietly(client, redis_key, token, spec._ttl_ms)
+        raise RedisUnavailable(f"lost touch with Redis while waiting for {key!r}: {exc}", key) from exc
+    except BaseException:
+        _give_back_quietly(client, redis_key, token, spec._ttl_ms)
+        raise
+    log_acquire.debug("Acquired %r by hand-off", key)
+    return _held(spec, key, redis_key, token, fence, client, sent, holder)
 
 
-def _replicated(spec: single_run, key: str, client: Any, keys: _Keys, op: str, token: str, *args: Any) -> Any:
-    """Run the script and ``WAIT`` for ``spec.replicas`` replicas in the same round trip.
+def _replicated(spec: single_run, client: Any, script: str, redis_key: str, token: str, *args: Any) -> Any:
+    """Run a script and ``WAIT`` for ``spec.replicas`` replicas in the same round trip.
 
     A lease taken but not acknowledged in time is given back, and the run fails closed.
     """
     # WAIT counts the replicas that have this connection's writes, so both go to the node that
     # owns the key (on a cluster, the client of that one node) in one pipeline.
-    node = _node_client(client, keys[0])
+    node = _node_client(client, redis_key)
     pipe = node.pipeline(transaction=False)
-    pipe.evalsha(_SCRIPT_SHA, 5, *keys, op, token, *args)
+    pipe.evalsha(_SHA[script], 1, redis_key, *args)
     pipe.execute_command("WAIT", spec.replicas, int(spec.replica_timeout * 1000))
     reply, acked = pipe.execute(raise_on_error=False)
     if isinstance(reply, redis.exceptions.NoScriptError):
-        reply = _script(node, keys, op, token, *args)
+        reply = _call(node, script, redis_key, *args)
         acked = node.execute_command("WAIT", spec.replicas, int(spec.replica_timeout * 1000))
     for result in (reply, acked):
         if isinstance(result, Exception):
             raise result
-    if int(acked) < spec.replicas and (op == "n" or reply[0] == 1):
-        _script(client, keys, "r", token, spec._ttl_ms, "a")
+    took = reply == 1 if script == _RENEW else reply[0] == 1
+    if int(acked) < spec.replicas and took:
+        _call(client, _RELEASE, redis_key, token, "", spec._ttl_ms, "a", _HANDOFF_MS)
         raise redis.exceptions.ConnectionError(
             f"only {acked} of {spec.replicas} replica(s) acknowledged the lease within {spec.replica_timeout}s"
         )
@@ -829,12 +976,6 @@ def _node_client(client: Any, redis_key: str) -> Any:
     return client.get_redis_connection(get_node(redis_key))
 
 
-def _script_quietly(client: Any, keys: _Keys, token: str, ttl_ms: int, task_id: str) -> None:
-    # Redis is what failed; if this does not get through either, our queue entry expires by itself.
-    with contextlib.suppress(redis.RedisError):
-        _script(client, keys, "r", token, ttl_ms, "c", task_id)
-
-
 def _socket_budget(client: Any) -> float:
     # A BLPOP longer than the client's socket timeout would fail with TimeoutError.
     try:
@@ -845,55 +986,98 @@ def _socket_budget(client: Any) -> float:
 
 
 def _release(lease: Lease, mode: str, warn: bool = True) -> int:
-    """Give the lease back (owner-checked); returns one of the _RELEASED... outcomes."""
+    """Give the lease back (owner-checked); returns one of the _RELEASED... outcomes.
+
+    ``mode`` "end" (a run returned: run again if a rerun is owed) or "abort". Whatever stops the
+    release (an error of any kind, an interrupt), the lease leaves "held" first, so the watchdog
+    stops renewing it and the key expires within its ttl; a Redis error is logged and reported as
+    _UNCONFIRMED, anything else propagates once the lease is consistent.
+    """
     if lease.fail_open:
         return _RELEASED
-    lease._released = True  # from here on a refused renewal is ours, not a loss
+    if not _in_this_process(lease):
+        return _NOT_MINE  # a forked child: the lease, and the token it inherited, are its parent's
+    with _state_lock:
+        if lease._state == _HELD:
+            lease._state = _RELEASING
+    if mode == "end" and not lease._next_token:
+        # Kept until a release is answered, so that one repeated after no answer asks for the
+        # same rerun token and recognises a rerun its first attempt was granted.
+        lease._next_token = secrets.token_hex(16)
+    next_token = lease._next_token if mode == "end" else ""
     sent = time.monotonic()
     try:
-        outcome = int(
-            _script(
-                lease._client, _keys(lease.redis_key), "r", lease._token, int(lease._ttl * 1000), _RELEASE_MODE[mode]
-            )
-        )
-    except redis.RedisError as exc:
-        _watchdog.discard(lease)
+        reply = _call(lease._client, _RELEASE, lease.redis_key, lease._token, next_token, int(lease._ttl * 1000),
+                      "e" if mode == "end" else "a", _HANDOFF_MS)
+    except BaseException as exc:
+        _settle(lease, _RELEASED_STATE)
+        if not isinstance(exc, redis.RedisError):
+            raise
         if warn:
             log_release.warning(
                 "Could not release %r (%s); it expires by itself within %.1fs", lease.key, exc, lease.time_left
             )
         return _UNCONFIRMED
+    outcome = int(reply[0])
     if outcome == _RERUN:
-        lease._deadline = sent + lease._ttl
-        lease._renew_at = sent + lease._ttl / 3.0
-        lease._released = False
-        _watchdog.add(lease)  # a retried release may have dropped it from the watchdog
+        # A new acquisition: a new token and a larger fence, confirmed from when it was asked for.
+        with _state_lock:
+            lease._token, lease._next_token = next_token, ""
+            lease.fence = int(reply[1])
+            lease.acquired_at = time.time()
+            lease._deadline = sent + lease._ttl
+            lease._renew_at = sent + lease._ttl / 3.0
+            lease._state = _HELD
+        _watchdog.add(lease)
         return _RERUN
-    _watchdog.discard(lease)
     if outcome == _NOT_OWNER:
         _lose(lease, "at release the key was gone or held by another owner")
     elif time.monotonic() >= lease._deadline:
         _lose(lease, "the run outlived the lease's confirmed deadline")
     else:
         log_release.debug("Released %r", lease.key)
+    _settle(lease, _RELEASED_STATE)
     return outcome
 
 
-def _lose(lease: Lease, reason: str) -> None:
-    """Mark the lease lost and report it once: a WARNING and the user's on_lost callback."""
-    with _lost_lock:
-        if lease._lost:
+def _settle(lease: Lease, state: str) -> None:
+    """Move a lease out of "held" for good ("released", or "lost" which stays); drop it from renewal."""
+    with _state_lock:
+        if lease._state != _LOST:
+            lease._state = state
+    _watchdog.discard(lease)
+
+
+def _lose(lease: Lease, reason: str, from_watchdog: bool = False) -> None:
+    """Mark the lease lost and report it once: a WARNING and the user's on_lost callback.
+
+    From the watchdog the callback runs on a thread of its own, so that a callback that blocks
+    or raises (even SystemExit) can never stop renewal; at release it runs in the caller's thread.
+    """
+    with _state_lock:
+        if lease._state == _LOST:
             return
-        lease._lost = True
+        lease._state = _LOST
+    _watchdog.discard(lease)
     log_renew.warning("Lease on %r (fence %s) was lost: %s", lease.key, lease.fence, reason)
-    if lease._on_lost is not None:
-        try:
-            lease._on_lost(lease)
-        except Exception:
-            log_renew.exception("on_lost callback for %r raised", lease.key)
+    if lease._on_lost is None:
+        return
+    if from_watchdog:
+        _callbacks.put(lease)
+        return
+    try:
+        lease._on_lost(lease)
+    except Exception:
+        log_renew.exception("on_lost callback for %r raised", lease.key)
 
 
-def _redis_failed(spec: single_run, key: str, exc: Exception) -> Optional[Lease]:
+def _redis_failed(spec: single_run, key: str, client: Any, exc: Exception) -> Optional[Lease]:
+    if "unknown command" in str(exc).lower() and type(client).__module__.startswith("fakeredis"):
+        raise ConfigurationError(
+            f"fakeredis cannot run the scripts of single_run for {key!r} ({exc}): install its Lua "
+            "support with pip install 'fakeredis[lua]'",
+            key,
+        ) from exc
     # fail_open is for an outage. Redis refusing the credentials or a command is a configuration
     # that will not heal by itself: running unlocked would hide it, so that always fails closed.
     outage = isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)) and not isinstance(
@@ -909,115 +1093,227 @@ def _redis_failed(spec: single_run, key: str, exc: Exception) -> Optional[Lease]
 
 
 class _Watchdog:
-    """One thread per process renews every lease the process holds.
+    """One scheduler thread per process keeps every held lease alive.
 
-    It wakes when the first lease is due (a third of its TTL after its last confirmation) and
-    renews, with it, every lease that would be due within the next sixth of its TTL: one
-    pipeline per Redis node. Leases renewed together stay together, so a thousand leases cost a
-    round trip or two per renewal period, not one per lease.
+    It never talks to Redis itself: it hands the leases that are due (a third of their TTL after
+    their last confirmation, with those due within the next sixth) to one renewer thread per Redis
+    node, which renews them in one pipeline. A node that hangs holds up only its own renewer, and
+    the scheduler still reports each lease lost at its deadline. A thousand leases cost a round
+    trip or two per renewal period, not one per lease.
     """
 
     _IDLE: Final = 30.0
 
     def __init__(self) -> None:
         self._leases: dict[int, Lease] = {}
-        self._twins: dict[int, tuple[Any, Any]] = {}
+        self._renewers: dict[int, _Renewer] = {}
         self._cond = threading.Condition(threading.Lock())
         self._wake_at = math.inf
-        self._thread: Optional[threading.Thread] = None
+        self._running = False
         self._pid = os.getpid()
 
     def add(self, lease: Lease) -> None:
-        self._leases[id(lease)] = lease
         with self._cond:
-            if self._thread is None:
-                self._thread = _start_thread(self._loop, "single_task-watchdog")
+            self._leases[id(lease)] = lease
+            if not self._running:
+                # Started on first use, and again if it ever died (it should not: see _loop).
+                self._running = True
+                _start_thread(self._loop, "single_task-watchdog")
             if lease._renew_at < self._wake_at:
                 self._cond.notify()
 
     def discard(self, lease: Lease) -> None:
-        self._leases.pop(id(lease), None)
+        with self._cond:
+            self._leases.pop(id(lease), None)
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
 
     def _loop(self) -> None:
-        while self._pid == os.getpid():
-            try:
-                self._tick()
-            except Exception:  # never let one bad round end renewal for the whole process
-                log_renew.exception("watchdog round failed")
-                time.sleep(0.1)
+        try:
+            while self._pid == os.getpid():
+                try:
+                    self._tick()
+                except BaseException:  # never let one bad round end renewal for the whole process
+                    log_renew.exception("watchdog round failed")
+                    time.sleep(0.1)
+        finally:
+            with self._cond:
+                self._running = False
 
     def _tick(self) -> None:
         with self._cond:
             now = time.monotonic()
-            leases = list(self._leases.values())
-            first = min((le._renew_at for le in leases), default=now + self._IDLE)
-            if first > now:
-                self._wake_at = first
-                self._cond.wait(first - now)
+            held = [le for le in self._leases.values() if le._state == _HELD]
+            due = [le for le in held if not le._renewing and le._renew_at - le._ttl / 6.0 <= now]
+            expired = [le for le in held if le._deadline <= now]
+            if not due and not expired:
+                wake = min([le._renew_at for le in held if not le._renewing] + [le._deadline for le in held],
+                           default=now + self._IDLE)
+                self._wake_at = wake
+                self._cond.wait(max(0.0, wake - now))
                 self._wake_at = math.inf
                 return
-        due = [le for le in leases if le._renew_at - le._ttl / 6.0 <= now]
+            for lease in due:
+                lease._renewing = True
+        for lease in expired:
+            _lose(lease, f"renewal not confirmed within its {lease._ttl}s lease", from_watchdog=True)
         by_node: dict[int, tuple[Any, list[Lease]]] = {}
         for lease in due:
-            node = self._own_client(_node_client(lease._client, lease.redis_key))
+            try:
+                node = _node_client(lease._client, lease.redis_key)
+            except Exception as exc:  # a cluster that lost the slot's owner, say: retry shortly
+                log_renew.warning("Could not find the node of %r: %s", lease.key, exc)
+                self._retry_soon(lease)
+                continue
             by_node.setdefault(id(node), (node, []))[1].append(lease)
         for node, group in by_node.values():
-            self._renew(node, group)
-        now = time.monotonic()
-        for lease in leases:
-            if now >= lease._deadline and not lease._released:
-                self.discard(lease)
-                _lose(lease, f"renewal not confirmed within its {lease._ttl}s lease")
+            renewer = self._renewers.get(id(node))
+            if renewer is None or not renewer.submit(group):
+                renewer = self._renewers[id(node)] = _Renewer(self, node)
+                renewer.submit(group)
 
-    def _own_client(self, client: Any) -> Any:
-        """The client the watchdog sends through. Under gevent it is a twin with a pool of its
-        own: the watchdog is a real OS thread, and a gevent socket opened by a greenlet of the
-        main thread cannot be used from another thread ("Cannot switch to a different thread")."""
-        if not _gevent_sockets():
-            return client
-        found = self._twins.get(id(client))
-        if found is None:
-            twin = client
-            pool: Any = getattr(client, "connection_pool", None)
-            if type(pool) in (redis.ConnectionPool, redis.BlockingConnectionPool):  # not Sentinel's
-                with contextlib.suppress(Exception):
-                    twin = type(client)(connection_pool=type(pool)(connection_class=pool.connection_class,
-                                                                   **pool.connection_kwargs))
-            found = self._twins[id(client)] = (client, twin)  # the client is kept so its id stays its own
-        return found[1]
+    def _retry_soon(self, lease: Lease) -> None:
+        with _state_lock:
+            lease._renew_at = time.monotonic() + min(lease._ttl / 10.0, 0.5)
+            lease._renewing = False
 
     def _renew(self, node: Any, group: list[Lease]) -> None:
+        """Renew ``group`` in one pipeline through ``node`` (on a renewer thread)."""
+        try:
+            self._renew_group(node, group)
+        finally:
+            self.wake()
+
+    def _renew_group(self, node: Any, group: list[Lease]) -> None:
+        tokens = [lease._token for lease in group]
         sent = time.monotonic()
         try:
             pipe = node.pipeline(transaction=False)
-            for lease in group:
-                pipe.evalsha(_SCRIPT_SHA, 5, *_keys(lease.redis_key), "n", lease._token, int(lease._ttl * 1000))
+            for lease, token in zip(group, tokens):
+                pipe.evalsha(_SHA[_RENEW], 1, lease.redis_key, token, int(lease._ttl * 1000))
             replies = pipe.execute(raise_on_error=False)
-        except redis.RedisError as exc:
+        except Exception as exc:  # RedisError, or a client the user's code closed
             log_renew.warning("Could not renew %d lease(s): %s; retrying", len(group), exc)
             for lease in group:
-                lease._renew_at = time.monotonic() + min(lease._ttl / 10.0, 0.5)
+                self._retry_soon(lease)
             return
-        for lease, reply in zip(group, replies):
-            if lease._released:
-                continue
+        for lease, token, reply in zip(group, tokens, replies):
             if isinstance(reply, redis.RedisError):
                 # NOSCRIPT after a restart, or MOVED after a cluster reshard: once more on its own,
                 # through the lease's client, which loads the script or follows the move.
                 try:
-                    reply = _script(lease._client, _keys(lease.redis_key), "n", lease._token, int(lease._ttl * 1000))
-                except redis.RedisError as exc:
+                    reply = _call(lease._client, _RENEW, lease.redis_key, token, int(lease._ttl * 1000))
+                except Exception as exc:
                     reply = exc
+            with _state_lock:
+                lease._renewing = False
+                current = lease._state == _HELD and lease._token == token  # not given back, nor rerun since
+                if current and not isinstance(reply, Exception) and int(reply) == 1:
+                    lease._deadline = sent + lease._ttl
+                    lease._renew_at = sent + lease._ttl / 3.0
+            if not current:
+                continue
             if isinstance(reply, Exception):
                 log_renew.warning("Could not renew %r: %s", lease.key, reply)
-                lease._renew_at = time.monotonic() + min(lease._ttl / 10.0, 0.5)
+                self._retry_soon(lease)
             elif int(reply) == 1:
-                lease._deadline = sent + lease._ttl
-                lease._renew_at = sent + lease._ttl / 3.0
                 log_renew.debug("Renewed %r", lease.key)
             else:
-                self.discard(lease)
-                _lose(lease, "at renewal the key was gone or held by another owner")
+                _lose(lease, "at renewal the key was gone or held by another owner", from_watchdog=True)
+
+
+class _Renewer:
+    """A thread that renews the leases of one Redis node, so that a node that hangs delays no other."""
+
+    def __init__(self, watchdog: _Watchdog, node: Any) -> None:
+        self.watchdog = watchdog
+        self.node = node  # kept, so that its id stays its own
+        self.client = _own_client(node)
+        self.pending: list[Lease] = []
+        self.cond = threading.Condition(threading.Lock())
+        self.alive = True
+        _start_thread(self._loop, "single_task-renewer")
+
+    def submit(self, group: list[Lease]) -> bool:
+        """Queue ``group`` for renewal; False if this renewer has retired (start another)."""
+        with self.cond:
+            if not self.alive:
+                return False
+            self.pending.extend(group)
+            self.cond.notify()
+            return True
+
+    def _loop(self) -> None:
+        try:
+            while self.watchdog._pid == os.getpid():
+                with self.cond:
+                    if not self.pending:
+                        self.cond.wait(_Watchdog._IDLE)
+                    if not self.pending:
+                        self.alive = False  # idle: retire (submit sees it under the same lock)
+                        return
+                    group, self.pending = self.pending, []
+                try:
+                    self.watchdog._renew(self.client, group)
+                except BaseException:
+                    log_renew.exception("renewal round failed")
+                    for lease in group:
+                        self.watchdog._retry_soon(lease)
+        finally:
+            with self.cond:
+                self.alive = False
+                left, self.pending = self.pending, []
+            for lease in left:
+                self.watchdog._retry_soon(lease)
+
+
+def _own_client(client: Any) -> Any:
+    """The client a renewer sends through. Under gevent it is a twin with a pool of its own: the
+    renewer is a real OS thread, and a gevent socket opened by a greenlet of the main thread cannot
+    be used from another thread ("Cannot switch to a different thread")."""
+    if not _gevent_sockets():
+        return client
+    pool: Any = getattr(client, "connection_pool", None)
+    if type(pool) in (redis.ConnectionPool, redis.BlockingConnectionPool):  # not Sentinel's
+        with contextlib.suppress(Exception):
+            return type(client)(connection_pool=type(pool)(connection_class=pool.connection_class,
+                                                           **pool.connection_kwargs))
+    return client
+
+
+class _Callbacks:
+    """Runs on_lost callbacks reported by the watchdog, on a thread of their own."""
+
+    def __init__(self) -> None:
+        self._queue: list[Lease] = []
+        self._cond = threading.Condition(threading.Lock())
+        self._running = False
+
+    def put(self, lease: Lease) -> None:
+        with self._cond:
+            self._queue.append(lease)
+            if not self._running:
+                self._running = True
+                _start_thread(self._loop, "single_task-callbacks")
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._queue:
+                        self._cond.wait()
+                    lease = self._queue.pop(0)
+                try:
+                    if lease._on_lost is not None:
+                        lease._on_lost(lease)
+                except BaseException:  # SystemExit too: a callback must not end this thread
+                    log_renew.exception("on_lost callback for %r raised", lease.key)
+        finally:
+            with self._cond:
+                self._running = False
 
 
 def _gevent_sockets() -> bool:
@@ -1031,35 +1327,34 @@ def _gevent_sockets() -> bool:
     return bool(monkey.is_module_patched("socket"))
 
 
-def _start_thread(target: Callable[[], None], name: str) -> threading.Thread:
+def _start_thread(target: Callable[[], None], name: str) -> None:
     """Start a daemon OS thread, a real one even when gevent has patched ``threading``."""
     if "gevent" in sys.modules:
         try:
             from gevent import monkey
 
             if monkey.is_module_patched("threading"):
-                start_new = monkey.get_original("_thread", "start_new_thread")
-                start_new(target, ())
-                # Not joinable, but not None either: the watchdog must see it as started, or it
-                # starts a new OS thread for every lease.
-                return threading.main_thread()
+                monkey.get_original("_thread", "start_new_thread")(target, ())
+                return
         except ImportError:
             pass
-    thread = threading.Thread(target=target, name=name, daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=target, name=name, daemon=True).start()
 
 
 _watchdog = _Watchdog()
+_callbacks = _Callbacks()
 
 
 def _after_fork_in_child() -> None:
-    # Leases belong to the process that took them: a forked child neither renews nor releases
-    # them, and starts its own watchdog when it takes its first lease.
-    global _watchdog, _holder
+    # Leases belong to the process that took them: a forked child neither renews, releases nor
+    # reports them (they keep the parent's pid), and starts threads of its own when it takes a
+    # lease. Locks that a thread of the parent held at the fork would never be released here.
+    global _watchdog, _holder, _callbacks, _state_lock, _clients_lock
     _watchdog = _Watchdog()
+    _callbacks = _Callbacks()
     _holder = _Holder()
-    _current.set(None)
+    _state_lock = threading.Lock()
+    _clients_lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -1102,15 +1397,25 @@ def _check_url(url: str, what: str) -> str:
         redis.ConnectionPool.from_url(url)  # parses only; connects nothing
     except ValueError as exc:
         raise ConfigurationError(f"{what} {_redact(url)!r} cannot be parsed: {exc}") from None
+    # redis-py reads a database that is not a number as 0: refuse it rather than share db 0.
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(url)
+    db = parse_qs(parts.query).get("db", [""])[0] or (parts.path.strip("/") if not url.startswith("unix://") else "")
+    if db and not db.isdigit():
+        raise ConfigurationError(
+            f"{what} {_redact(url)!r} names database {db!r}; a Redis database is a number, e.g. redis://host:6379/0"
+        )
     return url
 
 
-def _client_of(spec: single_run) -> Any:
+def _client_of(spec: single_run, task: Any) -> Any:
+    """The Redis client of ``spec``: its own, or the one found for ``task``'s app (resolved once)."""
     client = spec._resolved_client
     if client is None:
         client = spec.client
         if client is None:
-            client = _default_url()
+            client = _default_url(getattr(task, "app", None) if hasattr(task, "apply_async") else None)
         if isinstance(client, str):
             client = _client_for_url(client)
         spec._resolved_client = client
@@ -1132,26 +1437,55 @@ def _client_for_url(url: str) -> Any:
         return client
 
 
-def _default_url() -> str:
-    tried = [f"${ENV_URL} (unset)"]
+def _default_url(app: Any = None) -> str:
+    """$SINGLE_TASK_REDIS_URL, else the Redis broker or result backend of the Celery app in play.
+
+    That app is ``app`` (the task's own) when there is one, else the app current in this thread
+    or set as default, else the one app of the process that uses Redis: Celery's current app is
+    thread-local, so a producer's threads would otherwise see none.
+    """
     url = os.environ.get(ENV_URL)
     if url:
         return _check_url(url, f"${ENV_URL}")
+    tried = [f"${ENV_URL} (unset)"]
     try:
-        from celery import current_app
-
-        conf = current_app.conf
-        for name in ("broker_url", "result_backend"):
-            value = conf.get(name)
-            first = _first_url(value)
-            if first and first.startswith(_URL_SCHEMES):
-                return first
-            if first and first.startswith("redis+socket://"):
-                return "unix://" + first[len("redis+socket://") :]
-            tried.append(f"Celery {name} ({_redact(first) if first else 'unset'}: not Redis)")
+        from celery import _state
     except ImportError:
-        tried.append("Celery (not installed)")
+        raise ConfigurationError("no Redis to hold leases: pass client=..., or set $" + ENV_URL) from None
+    chosen = [a for a in (app, getattr(_state._tls, "current_app", None), _state.default_app) if a is not None]
+    for candidate in chosen:
+        found = _redis_url_of(candidate, tried)
+        if found:
+            return found
+    others = [a for a in list(_state._get_active_apps()) if a not in chosen]
+    found_all = [(a, _redis_url_of(a, tried)) for a in others]
+    usable = [(a, u) for a, u in found_all if u]
+    if len(usable) == 1:
+        return usable[0][1]
+    if usable:
+        names = ", ".join(repr(a.main) for a, _ in usable)
+        raise ConfigurationError(
+            f"no Redis to hold leases: several Celery apps use Redis ({names}) and none is current in this "
+            f"thread; pass client=..., set ${ENV_URL}, or call app.set_default() on the one to use "
+            f"(tried: {'; '.join(tried)})"
+        )
+    if not chosen and not others:
+        tried.append("no Celery app is current in this thread, and the process has none")
     raise ConfigurationError("no Redis to hold leases: pass client=..., or set one of: " + "; ".join(tried))
+
+
+def _redis_url_of(app: Any, tried: list[str]) -> Optional[str]:
+    """The Redis URL of ``app``'s broker, else of its result backend; None (noted in ``tried``)."""
+    conf = app.conf
+    for name in ("broker_url", "result_backend"):
+        first = _first_url(conf.get(name))
+        if first and first.startswith(_URL_SCHEMES):
+            return _check_url(first, f"Celery {name}")
+        if first and first.startswith("redis+socket://"):
+            return "unix://" + first[len("redis+socket://") :]
+        tried.append(f"Celery app {getattr(app, 'main', '?')!r} {name} ({_redact(first) if first else 'unset'}: "
+                     "not Redis)")
+    return None
 
 
 def _first_url(value: Any) -> Optional[str]:
@@ -1175,15 +1509,16 @@ def _redact(url: str) -> str:
 _formatter = string.Formatter()
 
 
-def _template_fields(template: str) -> list[str]:
-    return [field for _, field, _, _ in _formatter.parse(template) if field is not None]
-
-
-def _looks_like_template(key: str) -> bool:
+def _template_fields(template: str, what: str) -> list[str]:
+    """The fields of a key template. Every key is a ``str.format`` template -- a decorator's, a
+    with block's and a constant one alike -- so a literal brace is always written doubled."""
     try:
-        return bool(_template_fields(key))
-    except ValueError:
-        return False  # not a valid template, so a literal key
+        return [field for _, field, _, _ in _formatter.parse(template) if field is not None]
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"{what} {template!r} is malformed: {exc}; keys are str.format templates, so write {{{{ and }}}} "
+            "for a literal brace"
+        ) from None
 
 
 class _KeyRenderer:
@@ -1275,14 +1610,11 @@ class _KeyRenderer:
 
     def _plan(self, template: str) -> None:
         params = self.signature.parameters
-        try:
-            parsed = list(_formatter.parse(template))
-        except ValueError as exc:
-            raise ConfigurationError(f"key template {template!r} of {self.name} is malformed: {exc}") from exc
-        fields = [field for _, field, _, _ in parsed if field is not None]
+        fields = _template_fields(template, f"key template of {self.name}")
+        parsed = list(_formatter.parse(template))
         if not fields:
-            self.constant = template
-            _check_key(template)
+            self.constant = template.format()
+            _check_key(self.constant)
             return
         for _, field, _, conversion in parsed:
             if conversion not in (None, "r", "s", "a"):
@@ -1301,7 +1633,7 @@ class _KeyRenderer:
             if root not in params:
                 raise ConfigurationError(
                     f"key field {{{field}}} of {self.name} names no parameter; "
-                    f"its parameters are: {', '.join(params) or '(none)'}"
+                    f"its parameters are: {', '.join(params) or '(none)'} (for a literal brace write {{{{ or }}}})"
                 )
             kind = params[root].kind
             if kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
@@ -1409,8 +1741,9 @@ def _check_decoratable(fn: Any) -> None:
 _task_getter: list[Callable[[], Any]] = []  # celery's get_current_task, imported at the first call
 
 
-def _current_task() -> Any:
-    """The Celery task executing in this thread, or None (and None when Celery is absent)."""
+def _task_of(wrapper: Callable[..., Any]) -> Any:
+    """The Celery task whose own ``run`` is ``wrapper`` and that is executing in this thread (also
+    when called directly), or None: a decorated helper that a task calls is not that task."""
     if not _task_getter:
         # Imported once, lazily: a plain decorated function never pays for importing Celery, and
         # every call after the first skips the import machinery (microseconds on the hot path).
@@ -1421,17 +1754,26 @@ def _current_task() -> Any:
         else:
             _task_getter.append(get_current_task)
     task = _task_getter[0]()
-    if task is None or task.request.called_directly:
+    if task is None:
         return None
-    return task
+    run = getattr(task, "run", None)
+    return task if getattr(run, "__func__", run) is wrapper else None
 
 
 def _run(
-    spec: single_run, fn: Callable[..., R], renderer: _KeyRenderer, args: tuple[Any, ...], kwargs: dict[str, Any]
+    spec: single_run,
+    fn: Callable[..., R],
+    wrapper: Callable[..., Any],
+    renderer: _KeyRenderer,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
 ) -> Optional[R]:
     """One decorated call: acquire, run (again, while reruns are owed), release."""
     key = renderer.render(args, kwargs)
-    task = _current_task()
+    found = _task_of(wrapper)
+    client = _client_of(spec, found)
+    # Called directly (not by a worker), the task is only where the app and Redis come from.
+    task = None if found is None or found.request.called_directly else found
     policy = spec.on_busy
     lease: Optional[Lease] = None
     if policy == "retry":
@@ -1439,11 +1781,16 @@ def _run(
             policy = "raise"  # no broker to re-send through: the caller sees AlreadyRunning
         else:
             try:
-                lease = _acquire(spec, key, "raise", task)
+                lease = _acquire(spec, key, "raise", task, client)
             except AlreadyRunning as exc:
                 raise _busy_retry(spec, task, exc) from None
     if policy != "retry":
-        lease = _acquire(spec, key, policy, task)
+        try:
+            lease = _acquire(spec, key, policy, task, client)
+        except AlreadyRunning:
+            if task is not None and policy == "raise":
+                _expect_already_running(task)
+            raise
     if lease is None:
         return None
     lease._parent = _current.get()
@@ -1471,7 +1818,7 @@ def _run(
             retakes += 1
             _current.reset(context_token)  # the lost lease is no longer ours: not a nested use
             context_token = _current.set(lease._parent)
-            again = _retake(spec, key, task)
+            again = _retake(spec, key, task, client)
             if again is None:
                 return result
             log_acquire.info("Running %r again: its lease was lost, and rerun requests with it", key)
@@ -1493,13 +1840,13 @@ def _release_patiently(lease: Lease) -> int:
     return outcome
 
 
-def _retake(spec: single_run, key: str, task: Any) -> Optional[Lease]:
+def _retake(spec: single_run, key: str, task: Any, client: Any) -> Optional[Lease]:
     """After a lost lease, take the key again, or ask its new holder for a rerun (None). Redis may
     be restarting: keep trying for one ttl before giving up with a WARNING."""
     give_up = time.monotonic() + spec.ttl
     while True:
         try:
-            return _acquire(spec, key, "rerun", task)
+            return _acquire(spec, key, "rerun", task, client)
         except RedisUnavailable as exc:
             if time.monotonic() >= give_up:
                 log_release.warning(
@@ -1508,6 +1855,15 @@ def _retake(spec: single_run, key: str, task: Any) -> Optional[Lease]:
                 )
                 return None
         time.sleep(0.1)
+
+
+def _expect_already_running(task: Any) -> None:
+    # A busy key under on_busy="raise" is an expected outcome, not a crash: like a task declared
+    # with throws=(AlreadyRunning,), Celery then logs one INFO line instead of an ERROR with a
+    # traceback. The result is FAILURE with AlreadyRunning all the same.
+    throws = tuple(getattr(task, "throws", ()) or ())
+    if AlreadyRunning not in throws:
+        task.throws = (*throws, AlreadyRunning)
 
 
 def _busy_retry(spec: single_run, task: Any, exc: AlreadyRunning) -> Any:
@@ -1538,7 +1894,14 @@ def _pass_on_rerun(
         return  # the retry already queued is a later run
     if task is not None and not task.request.is_eager:
         call_args = args[1:] if args and args[0] is task else args
-        task.apply_async(call_args, kwargs)
+        # Routed as the message that started this run (queue, routing key, priority, headers,
+        # time limits), but a new task of its own: no retry count, callbacks or group.
+        sig = task.signature_from_request(task.request, call_args, kwargs)
+        options = dict(sig.options)
+        for name in ("link", "link_error", "group_id", "group_index", "chord", "chain", "expires", "retries"):
+            options.pop(name, None)
+        options["task_id"] = str(uuid.uuid4())
+        task.apply_async(call_args, kwargs, **options)
         log_release.warning(
             "Run of %r raised %s; the rerun it owed was sent as a new task", lease.key, type(exc).__name__
         )
@@ -1562,9 +1925,11 @@ def _queued_ttl(spec: single_run, task: Any, options: dict[str, Any]) -> float:
         ttl = float(transport.get("visibility_timeout", 3600))
     delay = options.get("countdown") or 0.0
     eta = options.get("eta")
-    if eta is not None:
-        now = datetime.datetime.now(eta.tzinfo) if eta.tzinfo else datetime.datetime.now()
-        delay = max(delay, (eta - now).total_seconds())
+    if isinstance(eta, datetime.datetime):
+        if eta.tzinfo is None:  # Celery reads a naive eta in UTC (or in the app's timezone)
+            zone = datetime.timezone.utc if task.app.conf.enable_utc else task.app.timezone
+            eta = eta.replace(tzinfo=zone)
+        delay = max(delay, (eta - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
     return float(ttl) + max(0.0, float(delay))
 
 
@@ -1814,7 +2179,7 @@ def _cli_release(client: Any, prefix: str, args: Any) -> int:
         return _EXIT_ERROR
     # One script reads the holder, deletes the lease and hands the key to the first waiter, so
     # what is printed is exactly what was removed.
-    reply = _script(client, _keys(_lease_key(prefix, args.key)), "x", "")
+    reply = _call(client, _FORCE, _lease_key(prefix, args.key), _HANDOFF_MS)
     removed = {} if not reply else {k: _text(v) for k, v in zip("tfihs", reply) if v is not None}
     if not removed:
         print(f"{_printable(args.key)} was freed meanwhile: nothing to release")
@@ -1925,6 +2290,7 @@ def _lease_row(key: str, fields: dict[str, str], pttl: Any, waiters: Any, now_ms
 
 def _queued_row(key: str, value: Any, pttl: Any) -> dict[str, Any]:
     text = _text(value)
+    text = text[2:] if text.startswith("p:") else text  # provisional: being published
     pttl = int(pttl) if isinstance(pttl, int) else -2
     return {"key": key, "kind": "queued", "task_id": text, "value": text,
             "time_left_s": pttl / 1000.0 if pttl >= 0 else None}

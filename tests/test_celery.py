@@ -221,3 +221,27 @@ def test_single_run_above_app_task_is_refused_with_the_fix(app: Celery) -> None:
         @single_run(key="x")
         @app.task
         def job() -> None: ...
+
+
+def test_a_rerun_owed_by_a_failing_run_goes_to_the_queue_the_run_came_from(app: Celery, server: RedisServer,
+                                                                           rec: redis.Redis) -> None:
+    with CeleryWorker("tests.celery_app", server.url, pool="prefork", concurrency=2, queues="routed"):
+        failing = celery_app.routed_rerun.apply_async((1, 0.8, True), queue="routed")
+        deadline = time.monotonic() + 30
+        while not is_running(celery_app.routed_rerun, 1) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert celery_app.routed_rerun.apply_async((1, 0.0, False), queue="routed").get(timeout=60) is None
+        with pytest.raises(RuntimeError):
+            failing.get(timeout=60)
+        deadline = time.monotonic() + 20
+        while rec.llen("rec:routed:1") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert rec.lrange("rec:routed:1", 0, -1) == ["fail", "fail"], "the rerun went to a queue nobody serves"
+        assert rec.llen("celery") == 0
+
+
+def test_a_decorated_helper_called_by_a_task_is_not_mistaken_for_the_task(app: Celery, server: RedisServer) -> None:
+    with CeleryWorker("tests.celery_app", server.url, pool="solo", queues="helper"):
+        result = celery_app.calls_helper.apply_async((3,), queue="helper")
+        with pytest.raises(ValueError, match="the helper failed"):
+            result.get(timeout=60)

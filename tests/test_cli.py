@@ -39,7 +39,7 @@ def cli_process(*args: str, env: Any = None, timeout: float = 60) -> subprocess.
 def held(redis_url: str) -> Iterator[dict[str, Any]]:
     """Three leases held by this process (one with braces in its key) and one queued marker."""
     leases: dict[str, Any] = {}
-    specs = [single_run(key=k, client=redis_url, ttl=30) for k in ("report", "a}b", "sync:42")]
+    specs = [single_run(key=k, client=redis_url, ttl=30) for k in ("report", "a}}b", "sync:42")]
     for spec in specs:
         lease = spec.__enter__()
         leases[lease.key] = lease

@@ -438,13 +438,14 @@ def test_a_second_delivery_of_the_holders_own_task_under_rerun_is_not_lost(redis
     # new run the holder's own task id. It waits for a hand-off as a retry would, and under
     # "rerun" it also asks for a rerun, so that the holder running on keeps the request.
     client = redis.Redis.from_url(redis_url)
-    keys = single_task._keys(single_task._lease_key("single_task:", "own"))
+    key = single_task._lease_key("single_task:", "own")
     holder, again = "a" * 32, "b" * 32
-    assert single_task._script(client, keys, "a", holder, 30_000, "task-1", "1@h", "r", 5000)[0] == 1
-    reply = single_task._script(client, keys, "a", again, 30_000, "task-1", "2@h", "r", 5000)
+    acquire, release = single_task._ACQUIRE, single_task._RELEASE
+    assert single_task._call(client, acquire, key, holder, 30_000, "task-1", "1@h", "r", 5000)[0] == 1
+    reply = single_task._call(client, acquire, key, again, 30_000, "task-1", "2@h", "r", 5000)
     assert reply[0] == 0 and reply[2] == 1  # busy, and it is our own task: wait for the hand-off
     assert r.hget("single_task:{own}", "r") == "1"
-    assert single_task._script(client, keys, "r", holder, 30_000, "e") == single_task._RERUN
+    assert single_task._call(client, release, key, holder, "c" * 32, 30_000, "e", 2000)[0] == single_task._RERUN
 
 
 def test_a_rerun_holder_whose_release_finds_redis_restarting_still_runs_again(fresh_server: Any) -> None:
@@ -610,7 +611,7 @@ def test_keys_with_braces_and_unicode_work(redis_url: str, r: redis.Redis) -> No
         return True
 
     assert job("ü–{}") is True
-    with single_run(key="{a}}{:ü", client=redis_url):
+    with single_run(key="{{a}}}}{{:ü", client=redis_url):
         assert r.exists("single_task:{{a}}{:ü}")
 
 

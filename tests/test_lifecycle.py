@@ -1,0 +1,450 @@
+"""The lease survives what the process holding it does: interrupts, forks, client retries, a stalled
+server, callbacks that raise, copied contexts. Each test is a way the lease once broke."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from single_task import AlreadyRunning, ConfigurationError, Lease, RedisUnavailable, current_lease, send_once, single_run
+from support.proxy import DroppingProxy
+from support.redis_server import RedisServer
+from tests.conftest import ROOT
+
+
+@contextlib.contextmanager
+def holding(url: str, key: str, ttl: float = 30.0) -> Iterator[threading.Event]:
+    """Hold ``key`` from another thread until the block ends (set the event to end it early)."""
+    taken, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with single_run(key=key, client=url, ttl=ttl):
+            taken.set()
+            done.wait(60)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert taken.wait(5)
+    try:
+        yield done
+    finally:
+        done.set()
+        thread.join()
+
+
+@contextlib.contextmanager
+def alarm(seconds: float, exc: type[BaseException]) -> Iterator[None]:
+    """Raise ``exc`` in the main thread after ``seconds``, as Celery's soft time limit does (a signal)."""
+
+    def fire(signum: int, frame: Any) -> None:
+        raise exc()
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def evalsha_calls(r: redis.Redis) -> int:
+    stats = r.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def run_script(code: str, url: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=ROOT, URL=url)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def free_within(url: str, key: str, seconds: float) -> float:
+    """How long until ``key`` can be taken (polling), or fail after ``seconds``."""
+    started = time.monotonic()
+    while True:
+        try:
+            with single_run(key=key, client=url, on_busy="raise"):
+                return time.monotonic() - started
+        except AlreadyRunning:
+            if time.monotonic() - started > seconds:
+                raise
+            time.sleep(0.05)
+
+
+# -- 1. an interrupted waiter leaves the queue ----------------------------------------------------
+
+
+@pytest.mark.parametrize("interrupt", [SoftTimeLimitExceeded, KeyboardInterrupt, SystemExit])
+def test_a_waiter_interrupted_while_blocked_leaves_the_wait_queue(redis_url: str, r: redis.Redis,
+                                                                 interrupt: type[BaseException]) -> None:
+    @single_run(key="iw", client=redis_url, ttl=20, on_busy="wait")
+    def job() -> str:
+        return "ran"
+
+    with holding(redis_url, "iw", ttl=20):
+        with pytest.raises(interrupt), alarm(0.4, interrupt):
+            job()
+        assert r.llen("single_task:{iw}:q") == 0
+    # The holder released: had the gone waiter been handed the key, it would stay blocked.
+    assert free_within(redis_url, "iw", 1.0) < 1.0
+
+
+# -- 2. an interrupted release never leaves a lease in the watchdog --------------------------------
+
+
+def test_a_release_interrupted_by_a_time_limit_lets_the_key_expire_and_never_spins(redis_url: str,
+                                                                                r: redis.Redis) -> None:
+    pool = redis.BlockingConnectionPool.from_url(redis_url, max_connections=1, timeout=None)
+    client = redis.Redis(connection_pool=pool)
+    ttl = 1.0
+
+    @single_run(key="ir", client=client, ttl=ttl)
+    def job() -> None:
+        # Take the pool's only connection, so that the release has to wait for one; the time
+        # limit strikes during that wait.
+        held.append(pool.get_connection("PING"))
+
+    held: list[Any] = []
+    try:
+        with pytest.raises(SoftTimeLimitExceeded), alarm(0.3, SoftTimeLimitExceeded):
+            job()
+    finally:
+        pool.release(held[0])
+    before = evalsha_calls(r)
+    time.sleep(1.0)
+    assert evalsha_calls(r) - before < 10, "the watchdog renews a lease that was given back, in a loop"
+    time.sleep(ttl * 0.6)
+    assert not r.exists("single_task:{ir}"), "a lease whose release failed must expire within its ttl"
+
+
+# -- 3. a forked child never touches its parent's lease --------------------------------------------
+
+
+def test_a_child_forked_inside_a_run_never_releases_the_parents_lease(redis_url: str) -> None:
+    out = run_script("""
+        import json, os, sys, redis
+        from single_task import current_lease, single_run
+        url = os.environ["URL"]
+        r = redis.Redis.from_url(url, decode_responses=True)
+
+        @single_run(key="fork", client=url, ttl=5)
+        def job():
+            pid = os.fork()
+            if pid == 0:
+                sys.exit(7)  # unwinds through the run, in the child
+            _, status = os.waitpid(pid, 0)
+            lease = current_lease()
+            return {"child_status": os.waitstatus_to_exitcode(status), "lost": lease.lost,
+                    "token_kept": r.hget("single_task:{fork}", "t") is not None,
+                    "busy": single_run(key="fork", client=url, on_busy="raise") is not None and _busy()}
+
+        def _busy():
+            import threading
+            seen = []
+            def other():
+                try:
+                    with single_run(key="fork", client=url, on_busy="raise"):
+                        seen.append(False)
+                except Exception as exc:
+                    seen.append(type(exc).__name__ == "AlreadyRunning")
+            t = threading.Thread(target=other); t.start(); t.join()
+            return seen[0]
+
+        print(json.dumps(job()))
+    """, redis_url)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"child_status": 7, "lost": False, "token_kept": True, "busy": True}
+
+
+def test_a_child_leaving_a_with_block_exits_with_its_own_status(redis_url: str, r: redis.Redis) -> None:
+    out = run_script("""
+        import os, sys, redis
+        from single_task import single_run
+        url = os.environ["URL"]
+        r = redis.Redis.from_url(url)
+        with single_run(key="forkwith", client=url, ttl=5):
+            pid = os.fork()
+            if pid == 0:
+                sys.exit(5)
+            _, status = os.waitpid(pid, 0)
+            print(os.waitstatus_to_exitcode(status), r.exists("single_task:{forkwith}"))
+    """, redis_url)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["5", "1"], out.stdout + out.stderr
+    assert "RuntimeError" not in out.stderr
+
+
+# -- 4. one stalled Redis does not stall the leases on another --------------------------------------
+
+
+def test_a_paused_server_neither_stalls_renewal_on_a_healthy_one_nor_delays_the_loss_report() -> None:
+    ttl = 1.0
+    with RedisServer() as healthy, RedisServer() as stalled:
+        # No socket timeout at all: a renewal sent to the paused server blocks until it resumes.
+        slow_client = redis.Redis(host="127.0.0.1", port=stalled.port, socket_timeout=None)
+        lost: list[tuple[Lease, float]] = []
+        good = single_run(key="healthy", client=healthy.url, ttl=ttl, on_lost=lambda le: lost.append((le, 0)))
+        bad = single_run(key="stalled", client=slow_client, ttl=ttl,
+                         on_lost=lambda le: lost.append((le, time.monotonic())))
+        with good as good_lease, bad as bad_lease:
+            stalled.pause()
+            try:
+                paused_at = time.monotonic()
+                time.sleep(3 * ttl)
+                assert not good_lease.lost, "the lease on the healthy server lapsed"
+                assert healthy.client().hget("single_task:{healthy}", "t") is not None
+                assert [le for le, _ in lost] == [bad_lease], "the stalled lease was not reported lost"
+                assert lost[0][1] - paused_at < ttl + 0.6, "the loss was reported late"
+            finally:
+                stalled.resume()
+
+
+# -- 5. a callback cannot stop renewal ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raising", [SystemExit, KeyboardInterrupt, RuntimeError])
+def test_an_on_lost_callback_that_raises_does_not_stop_renewal(redis_url: str, r: redis.Redis,
+                                                              raising: type[BaseException]) -> None:
+    def explode(lease: Lease) -> None:
+        raise raising("callback")
+
+    with single_run(key="cb1", client=redis_url, ttl=0.6, on_lost=explode) as first:
+        r.delete("single_task:{cb1}")  # taken away: the next renewal reports it lost
+        time.sleep(0.8)
+        assert first.lost
+    with single_run(key="cb2", client=redis_url, ttl=0.6) as second:
+        time.sleep(2.0)
+        assert not second.lost, "nothing renews any more: the callback killed the watchdog"
+        assert r.exists("single_task:{cb2}")
+
+
+# -- 6, 7. send_once under client retries and timeouts ---------------------------------------------
+
+
+@pytest.fixture
+def broker(redis_url: str) -> Iterator[Celery]:
+    app = Celery("lifecycle", broker=redis_url, backend=redis_url, set_as_current=False)
+    app.conf.update(broker_connection_retry_on_startup=True)
+    yield app
+
+
+def test_send_once_publishes_when_its_queued_check_was_retried_after_it_ran(redis_url: str, r: redis.Redis,
+                                                                           broker: Celery) -> None:
+    proxy = DroppingProxy("127.0.0.1", int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    try:
+        @broker.task
+        @single_run(key="so:{n}", client=proxy.url)
+        def task(n: int) -> None: ...
+
+        send_once(task, (0,))  # loads the scripts, so the next check is one EVALSHA
+        proxy.drop_reply_to(b"EVALSHA")
+        result = send_once(task, (1,))
+        assert proxy.dropped == 1
+        assert r.llen("celery") == 2, "send_once returned a result for a message it never published"
+        assert r.get("single_task:{so:1}:queued").endswith(result.id)
+    finally:
+        proxy.close()
+
+
+def test_a_timed_out_queued_check_leaves_no_marker_that_blocks_the_retry(broker: Celery) -> None:
+    with RedisServer() as server:
+        broker.conf.update(broker_url=server.url)
+        client = redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=0.3, retry=Retry(NoBackoff(), 0))
+
+        @broker.task
+        @single_run(key="st:{n}", client=client)
+        def task(n: int) -> None: ...
+
+        plain = server.client()
+        send_once(task, (0,))  # loads the scripts: the check that times out is the one that runs
+        server.pause()
+        try:
+            with pytest.raises(RedisUnavailable):
+                send_once(task, (1,))
+        finally:
+            server.resume()
+        time.sleep(0.2)  # the check the client gave up on runs now
+        result = send_once(task, (1,))
+        assert plain.llen("celery") == 2, "the retry got a phantom: nothing was published"
+        assert plain.get("single_task:{st:1}:queued").decode().endswith(result.id)
+
+
+# -- 8. a killed waiter does not keep the key for a whole ttl ---------------------------------------
+
+
+def test_a_waiter_killed_while_blocked_is_not_handed_the_key_for_a_whole_ttl(redis_url: str,
+                                                                           r: redis.Redis) -> None:
+    env = dict(os.environ, PYTHONPATH=ROOT, URL=redis_url)
+    code = textwrap.dedent("""
+        import os
+        from single_task import single_run
+        single_run(key="kw", client=os.environ["URL"], ttl=20, on_busy="wait")(lambda: None)()
+    """)
+    with holding(redis_url, "kw", ttl=20):
+        waiter = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT)
+        deadline = time.monotonic() + 20
+        while r.llen("single_task:{kw}:q") == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert r.llen("single_task:{kw}:q") == 1
+        waiter.kill()
+        waiter.wait()
+    assert free_within(redis_url, "kw", 4.0) < 3.0
+
+
+# -- 9. a with block in a generator iterated from copied contexts ----------------------------------
+
+
+def test_a_with_block_releases_what_it_took_whatever_context_exits_it(redis_url: str, r: redis.Redis) -> None:
+    def rows() -> Iterator[int]:
+        with single_run(key="gen", client=redis_url, ttl=5):
+            yield 1
+            yield 2
+
+    gen = rows()
+    # What asyncio.to_thread, anyio and Starlette do with a sync generator: each step runs in a
+    # fresh copy of the caller's context.
+    assert contextvars.copy_context().run(next, gen) == 1
+    assert r.exists("single_task:{gen}")
+    assert contextvars.copy_context().run(next, gen) == 2
+    with pytest.raises(StopIteration):
+        contextvars.copy_context().run(next, gen)
+    assert not r.exists("single_task:{gen}")
+    assert current_lease() is None
+
+
+# -- 10. a release retried by the client after it went through --------------------------------------
+
+
+def test_a_release_retried_after_it_went_through_is_not_reported_lost(redis_url: str, r: redis.Redis,
+                                                                     caplog: Any) -> None:
+    proxy = DroppingProxy("127.0.0.1", int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    lost: list[Lease] = []
+    try:
+        @single_run(key="rr", client=proxy.url, on_lost=lost.append)
+        def job() -> Lease:
+            lease = current_lease()
+            assert lease is not None
+            return lease
+
+        job()  # loads the scripts
+        proxy.drop_reply_to(b"EVALSHA", nth=2)  # the release of the next run
+        with caplog.at_level(logging.WARNING, logger="single_task"):
+            lease = job()
+        assert proxy.dropped == 1
+        assert lost == [] and not lease.lost
+        assert "lost" not in caplog.text
+        assert not r.exists("single_task:{rr}")
+    finally:
+        proxy.close()
+
+
+def test_a_rerun_granted_by_a_release_whose_answer_was_lost_still_runs(redis_url: str, r: redis.Redis) -> None:
+    proxy = DroppingProxy("127.0.0.1", int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    runs: list[int] = []
+    try:
+        @single_run(key="rrr", client=proxy.url, on_busy="rerun")
+        def job() -> None:
+            lease = current_lease()
+            assert lease is not None
+            runs.append(lease.fence)
+            if len(runs) == 1:
+                r.hset("single_task:{rrr}", "r", "1")  # a rerun was requested during this run
+                proxy.drop_reply_to(b"EVALSHA")  # and the answer to the release is lost
+
+        job()
+        assert len(runs) == 2, "the rerun the first release granted was dropped"
+        assert not r.exists("single_task:{rrr}")
+    finally:
+        proxy.close()
+
+
+# -- 11. each rerun is a new acquisition, with a larger fence ---------------------------------------
+
+
+def test_a_rerun_gets_a_new_larger_fence(redis_url: str, r: redis.Redis) -> None:
+    fences: list[int] = []
+
+    @single_run(key="rf", client=redis_url, on_busy="rerun")
+    def job() -> None:
+        lease = current_lease()
+        assert lease is not None
+        fences.append(lease.fence)
+        assert int(r.hget("single_task:{rf}", "f")) == lease.fence
+        if len(fences) == 1:
+            other = threading.Thread(target=job)  # busy: asks for a rerun
+            other.start()
+            other.join()
+
+    job()
+    assert len(fences) == 2 and fences[1] > fences[0]
+
+
+# -- 14. one rule for literal braces ------------------------------------------------------------------
+
+
+def test_literal_braces_are_written_doubled_in_every_kind_of_key(redis_url: str, r: redis.Redis) -> None:
+    @single_run(key="cfg{{prod}}:{n}", client=redis_url)
+    def job(n: int) -> str:
+        return "ran"
+
+    @single_run(key="cfg{{prod}}:1", client=redis_url)
+    def constant() -> str:
+        return "ran"
+
+    with single_run(key="cfg{{prod}}:1", client=redis_url):
+        assert r.exists("single_task:{cfg{prod}:1}")
+        done: list[Any] = []
+        for fn in (lambda: job(1), constant):
+            t = threading.Thread(target=lambda fn=fn: done.append(fn()))
+            t.start()
+            t.join()
+        assert done == [None, None], "a with block on the same key must exclude both runs"
+    assert job(1) == "ran"
+
+
+def test_a_single_brace_in_a_with_key_is_refused_with_the_rule(redis_url: str) -> None:
+    with pytest.raises(ConfigurationError, match=r"\{\{"):
+        with single_run(key="cfg{prod}:1", client=redis_url):
+            pass
+
+
+# -- also: a naive eta is UTC, as Celery reads it -------------------------------------------------------
+
+
+def test_a_naive_eta_counts_as_utc_for_the_queued_marker(r: redis.Redis, broker: Celery, redis_url: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import datetime
+
+    monkeypatch.setenv("TZ", "America/New_York")  # local time five hours behind UTC
+    time.tzset()
+
+    @broker.task
+    @single_run(key="eta:{n}", client=redis_url, queued_ttl=10)
+    def task(n: int) -> None: ...
+
+    eta = datetime.datetime.utcnow() + datetime.timedelta(seconds=100)  # naive, in UTC as Celery takes it
+    send_once(task, (1,), eta=eta)
+    left = r.pttl("single_task:{eta:1}:queued") / 1000.0
+    monkeypatch.undo()
+    time.tzset()
+    assert 100 < left <= 111, left
