@@ -95,6 +95,11 @@ def test_already_running_comes_back_through_the_json_result_backend(app: Celery,
         with pytest.raises(AlreadyRunning) as info:
             result.get(timeout=60)
     assert info.value.key == "busy:1"
+    # An expected outcome, logged as one INFO line by Celery, not an ERROR with a traceback.
+    log = prefork.log()
+    line = next(ln for ln in log.splitlines() if result.id in ln and "AlreadyRunning" in ln)
+    assert "INFO" in line and "raised expected" in line, line
+    assert f"Task tests.celery_app.raising[{result.id}] raised unexpected" not in log
 
 
 def test_retry_on_contention_does_not_spend_the_tasks_retries(app: Celery, prefork: CeleryWorker,
