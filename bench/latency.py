@@ -4,9 +4,9 @@ with hiredis, in one ``python -m bench`` run.
 redis-py chooses its parser at import, so each parser gets child processes of its own (see
 bench/parser_child.py). The rounds of each parser are split into legs run in the order
 python, hiredis, hiredis, python (…), so that machine drift over the phase hits both parsers alike;
-inside a leg every contender is interleaved round by round with all the others (measure.py). Every
-leg first counts commands, round trips and server time per cycle of each contender, so the server
-figures come with as many independent measurements as there are legs.
+inside a leg every contender is interleaved round by round with all the others (measure.py). The
+first two legs of each parser start by counting commands, round trips and server time per cycle of
+each contender, so the server figures come with several independent measurements.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from bench.measure import Counts, Timed, count_commands, run_interleaved
 PARSERS = ("python", "hiredis")
 PARSER_LABEL = {"python": "pure-Python parser (redis-py's default without hiredis)", "hiredis": "hiredis"}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COUNTED_LEGS = 2  # legs per parser that start with the counting window (the server figures' samples)
 
 
 @dataclass
@@ -79,7 +80,7 @@ def measure_latency(host: str, port: int, rounds: int, batch: int, count_cycles:
         res = results[parser]
         leg = done[parser]
         done[parser] += 1
-        count = count_cycles
+        count = count_cycles if leg < COUNTED_LEGS else 0
         log(f"  latency leg {n + 1}/{len(order)}: {parser}, {per_leg[leg]} rounds"
             + (f", counting {count} cycles of each contender first" if count else ""))
         started = time.monotonic()

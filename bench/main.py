@@ -59,7 +59,7 @@ class Plan:
     replica_batch: int  # replicas=1 phase: cycles per contender per round
 
 
-FULL = Plan(rounds=80, legs=2, batch=100, count_cycles=1000, handoff_rounds=60, profile_cycles=20_000,
+FULL = Plan(rounds=320, legs=4, batch=25, count_cycles=1000, handoff_rounds=60, profile_cycles=20_000,
             held_leases=1000, held_ttl=3.0, held_window_s=5.0, many_keys=10_000, many_keys_ttl=1.0,
             expiry_wait_s=90.0, e2e_pools=(("solo", 1, 3, 5, 2000), ("prefork", 2, 1, 3, 2000)), e2e_warmup=100,
             side_rounds=60, producer_batch=50, replica_batch=100)

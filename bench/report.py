@@ -281,10 +281,15 @@ def _targets(data: dict[str, Any]) -> str:
             rows.extend(_held_targets(held))
         except Exception as exc:
             rows.append(["held leases", "not measured", "n/a", f"{type(exc).__name__}: {exc}"])
+    pings = [f"{r.parser} {r.timed[PING].median_us:.1f} µs" for r in _measured(lat)
+             if PING in r.timed and r.timed[PING].samples]
+    load = (" A loaded machine adds the same wake-up delays to every contender and so pulls every ratio towards "
+            "1: the median `PING` in each parser's rounds (" + ", ".join(pings) + ") says how loaded it was."
+            if pings else "")
     return ("## Targets (issue 11)\n\n"
             "Medians from the interleaved rounds of this run; *per-round* is the p10–p90 spread of the ratio "
-            "of the two contenders' medians round by round (the run-to-run noise a single ratio hides).\n\n"
-            + table(["target", "measured", "verdict", "by how much"], rows))
+            "of the two contenders' medians round by round (the run-to-run noise a single ratio hides)." + load
+            + "\n\n" + table(["target", "measured", "verdict", "by how much"], rows))
 
 
 def _guard(fn: Callable[[Any], list[str]], value: Any, what: str) -> list[str]:
@@ -311,8 +316,10 @@ def _ratio_row(label: str, res: Optional[ParserResult], results: list[ParserResu
         why = (t.error if t else None) or res.unavailable.get(name) or "not measured"
         return [f"{label} [{parser}]", "not measured", "n/a", why]
     r = t.median_us / b.median_us
+    cpu = t.cpu_us / b.cpu_us if b.cpu_per_cycle and t.cpu_per_cycle else float("nan")
     return [f"{label} [{parser}]",
-            f"{t.median_us:.1f} µs vs {b.median_us:.1f} µs: **{_x(r)}** (per-round {_spread(round_ratios(t, b))})",
+            f"{t.median_us:.1f} µs vs {b.median_us:.1f} µs: **{_x(r)}** (per-round {_spread(round_ratios(t, b))}; "
+            f"client CPU {t.cpu_us:.1f} vs {b.cpu_us:.1f} µs: {_x(cpu)})",
             _verdict(r <= limit), _over(r, limit)]
 
 
@@ -489,7 +496,8 @@ def _cycle_table(res: ParserResult, counts: dict[str, Counts], kind: str) -> str
 
 def _server_time(lat: Any, plan: Any) -> str:
     head = ("## Server time per cycle (`INFO commandstats` and `INFO cpu`)\n\n"
-            f"Over a counted window of {plan.count_cycles} cycles per contender at the start of every latency leg "
+            f"Over a counted window of {plan.count_cycles} cycles per contender at the start of the first two "
+            "latency legs of each parser "
             "(nothing else runs against that server meanwhile): *commandstats µs* is the `usec` delta of the "
             "commands the client sent, per cycle (a script's `usec` already includes the commands it calls, "
             "shown apart as *inside scripts*; they are not added twice). *Server CPU* is the redis-server "
@@ -732,7 +740,7 @@ def _replicas(res: ReplicaResult, plan: Any) -> str:
             "A master and one replica (`--replicaof`) on loopback, servers of their own (the master runs with "
             "`--repl-diskless-sync-delay 0`, so the initial sync does not wait 5 s for more replicas; the "
             f"replica synced in {res.sync_s:.2f} s). Every contender runs {plan.replica_batch} cycles per round, "
-            f"contenders in turn (the first one rotates), for {plan.rounds} rounds, each on its own key and its "
+            f"contenders in turn (the first one rotates), for {plan.side_rounds} rounds, each on its own key and its "
             "own redis-py client of the master. With `replicas=1` the acquire script and `WAIT 1 1000` go in one "
             "pipeline; the release is not waited for. With `replicas=0` (and for the floor) the master still "
             "replicates every write, asynchronously. Round trips and commands are counted as in the lock cycle "
@@ -780,7 +788,7 @@ def _producer(res: ProducerResult, plan: Any) -> str:
             "One Celery app (Redis broker on a redis-server of its own, JSON, no result backend, no worker) and one "
             "task decorated `@single_run(key=\"bench:send:{n}\")`; all three contenders call it, so only the "
             f"producer path differs. {plan.producer_batch} calls per contender per round, contenders in turn (the "
-            f"first one rotates), for {plan.rounds} rounds. The refused calls find the marker of one message "
+            f"first one rotates), for {plan.side_rounds} rounds. The refused calls find the marker of one message "
             "that waits in a queue of its own throughout; the publishing `send_once` uses a fresh `n` every call. "
             "After every round (untimed) the broker queue and the publishing calls' markers are deleted. Round "
             f"trips and commands are counted as in the lock cycle tables over {plan.count_cycles} separate calls; "
@@ -843,7 +851,7 @@ def _held(held: HeldResult) -> str:
          f"{held.renewals / held.window_s / held.leases * held.ttl:.1f} per lease per ttl)"],
         ["window 1: watchdog thread CPU", f"{held.watchdog_cpu_s:.2f} s in {held.window_s:g} s "
                                           f"({held.watchdog_cpu_s / held.window_s * 100:.0f} % of one core)"],
-        ["window 2 (round trips counted): renewals / round trips from the watchdog thread",
+        ["window 2 (round trips counted): renewals / round trips sent by the process (only its background threads run)",
          f"{held.counted_renewals:,} / {held.renew_round_trips:,} in {held.window_s:g} s "
          f"({held.renew_round_trips / held.window_s:,.1f} round trips/s)"],
         ["leases lost / alive at the end", f"{held.lost} / {held.alive_at_end:,} (alive by {held.alive_by})"],
