@@ -174,17 +174,6 @@ from celery.signals import task_prerun  # noqa: E402
 task_prerun.connect(_mark_started, weak=False)
 
 
-@app.task(bind=True)
-@single_run(key="routed:{n}", ttl=10, on_busy="rerun")
-def routed_rerun(self: object, n: int, seconds: float, fail: bool) -> str:
-    """Sent to a queue of its own: a rerun it owes must be routed there too."""
-    _record.rpush(f"rec:routed:{n}", "fail" if fail else "ok")
-    time.sleep(seconds)
-    if fail:
-        raise RuntimeError("this run fails")
-    return "ok"
-
-
 @single_run(key="helper:{a}", ttl=10, on_busy="rerun")
 def helper(a: int, b: str) -> str:
     """A plain decorated function that a task calls: not the task itself."""

@@ -231,17 +231,17 @@ def test_single_run_above_app_task_is_refused_with_the_fix(app: Celery) -> None:
 def test_a_rerun_owed_by_a_failing_run_goes_to_the_queue_the_run_came_from(app: Celery, server: RedisServer,
                                                                            rec: redis.Redis) -> None:
     with CeleryWorker("tests.celery_app", server.url, pool="prefork", concurrency=2, queues="routed"):
-        failing = celery_app.routed_rerun.apply_async((1, 0.8, True), queue="routed")
+        failing = celery_app.rerun_fails.apply_async((7, 0.8, True), queue="routed")
         deadline = time.monotonic() + 30
-        while not is_running(celery_app.routed_rerun, 1) and time.monotonic() < deadline:
+        while not is_running(celery_app.rerun_fails, 7) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert celery_app.routed_rerun.apply_async((1, 0.0, False), queue="routed").get(timeout=60) is None
+        assert celery_app.rerun_fails.apply_async((7, 0.0, False), queue="routed").get(timeout=60) is None
         with pytest.raises(RuntimeError):
             failing.get(timeout=60)
         deadline = time.monotonic() + 20
-        while rec.llen("rec:routed:1") < 2 and time.monotonic() < deadline:
+        while rec.llen("rec:rerun-fail:7") < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert rec.lrange("rec:routed:1", 0, -1) == ["fail", "fail"], "the rerun went to a queue nobody serves"
+        assert rec.lrange("rec:rerun-fail:7", 0, -1) == ["fail", "fail"], "the rerun went to a queue nobody serves"
         assert rec.llen("celery") == 0
 
 

@@ -24,30 +24,19 @@ from celery.exceptions import SoftTimeLimitExceeded
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from single_task import AlreadyRunning, ConfigurationError, Lease, RedisUnavailable, current_lease, send_once, single_run
+from single_task import (
+    AlreadyRunning,
+    ConfigurationError,
+    Lease,
+    RedisUnavailable,
+    current_lease,
+    send_once,
+    single_run,
+)
 from support.proxy import DroppingProxy
 from support.redis_server import RedisServer
 from tests.conftest import ROOT
-
-
-@contextlib.contextmanager
-def holding(url: str, key: str, ttl: float = 30.0) -> Iterator[threading.Event]:
-    """Hold ``key`` from another thread until the block ends (set the event to end it early)."""
-    taken, done = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with single_run(key=key, client=url, ttl=ttl):
-            taken.set()
-            done.wait(60)
-
-    thread = threading.Thread(target=hold)
-    thread.start()
-    assert taken.wait(5)
-    try:
-        yield done
-    finally:
-        done.set()
-        thread.join()
+from tests.test_core import held_elsewhere
 
 
 @contextlib.contextmanager
@@ -100,7 +89,7 @@ def test_a_waiter_interrupted_while_blocked_leaves_the_wait_queue(redis_url: str
     def job() -> str:
         return "ran"
 
-    with holding(redis_url, "iw", ttl=20):
+    with held_elsewhere(redis_url, "iw", ttl=20):
         with pytest.raises(interrupt), alarm(0.4, interrupt):
             job()
         assert r.llen("single_task:{iw}:q") == 0
@@ -300,7 +289,7 @@ def test_a_waiter_killed_while_blocked_is_not_handed_the_key_for_a_whole_ttl(red
         from single_task import single_run
         single_run(key="kw", client=os.environ["URL"], ttl=20, on_busy="wait")(lambda: None)()
     """)
-    with holding(redis_url, "kw", ttl=20):
+    with held_elsewhere(redis_url, "kw", ttl=20):
         waiter = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT)
         deadline = time.monotonic() + 20
         while r.llen("single_task:{kw}:q") == 0 and time.monotonic() < deadline:

@@ -121,5 +121,5 @@ def test_no_app_in_the_process_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("url", ["redis://localhost:6379/abc", "redis://localhost/0?db=x", "unix:///tmp/r.sock?db=a"])
 def test_a_url_whose_database_is_not_a_number_is_refused(url: str) -> None:
-    with pytest.raises(ConfigurationError, match="database|.db."):
+    with pytest.raises(ConfigurationError, match=r"database|.db."):
         single_run(key="k", client=url)
