@@ -533,7 +533,10 @@ def _where_time_goes(lat: Any, prof: Any) -> str:
            "client CPU − server CPU: the wake-ups and scheduling between the two processes. On 2 cores the "
            "client and the server partly overlap (each finishes its system call while the other already runs), "
            "so *rest* can be negative: the CPU columns are the figures to optimise, the rest is the machine. "
-           "The *gap* rows split single_task's extra time over the floor the same way.", ""]
+           "The *gap* rows split single_task's extra time over the floor the same way: its client CPU gap is "
+           "its own Python plus the extra packing and parsing in redis-py (an earlier stub-client measurement of "
+           "the library's Python alone spoke the library's private script protocol, so it is gone; the floor "
+           "written straight to a connection shows what redis-py's command layer costs every contender).", ""]
     names = [(FLOOR, "floor"), (FLOOR_DIRECT, "floor, direct to a connection"), (ST_DECORATED, "decorated"),
              (ST_WITH_ONCE, "with, built once"), (ST_WITH, "with, built per use"), (RPY_LOCK, "redis-py Lock"),
              (PRL, "python-redis-lock"), (BUSY_FLOOR, "one SET NX (busy)"), (ST_SKIP, "skip (busy)"),
@@ -571,7 +574,8 @@ def _where_time_goes(lat: Any, prof: Any) -> str:
     elif isinstance(prof, Profile):
         out += [f"cProfile of {prof.cycles:,} uncontended decorated calls against Redis in the main process "
                 f"({prof.wall_us_per_cycle:.0f} µs per call under the profiler, which inflates every Python "
-                "function call alike). Own time per call, by package:", "",
+                "function call alike). cProfile counts wall time, so the socket methods among the builtins include "
+                "the wait for the server's reply. Own time per call, by package:", "",
                 table(["code", "own µs per call", "share"],
                       [[k, f"{v:.2f}", f"{v / sum(prof.by_package.values()) * 100:.0f} %"]
                        for k, v in prof.by_package.items()]), "",
