@@ -12,7 +12,7 @@ import json
 import os
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 RERUN_POLICIES = ("rerun", "rerun_durable")
 WAITED_AFTER = 0.02
@@ -36,6 +36,11 @@ class Run:
     lost_at_end: Optional[bool] = None
     killed_at: Optional[float] = None  # set when the run has no end and its process was killed
     lost_seen: Optional[float] = None  # when the holder learnt (on_lost) that the lease was lost
+    # A lease the driver found held by a killed process that has no open run for it in the record
+    # (killed between taking the key and recording the run's start: the start, a rerun's start, a
+    # retake after a lost lease). Not a run of the body: only a holder a rerun request can go to.
+    unrecorded: bool = False
+    expires: Optional[float] = None  # when the driver saw a killed holder's lease run out, if it did
 
     @property
     def stop(self) -> float:
@@ -59,6 +64,7 @@ class Attempt:
     key: str
     t0: float
     redelivered: bool
+    task: Optional[str] = None  # the Celery task id (the same for a redelivered message)
     t1: Optional[float] = None
     outcome: Optional[str] = None
     runs: int = 0
@@ -109,6 +115,35 @@ def load(record_dir: str, kills: dict[int, float], origin: float = 0.0) -> Recor
     return build(events, {pid: t - origin for pid, t in kills.items()})
 
 
+def shift_faults(faults: list[dict[str, Any]], origin: float) -> list[dict[str, Any]]:
+    """The driver's faults with their times (and their dead leases' expiry) in seconds into the flood."""
+    out = []
+    for f in faults:
+        g = {**f, "t0": f["t0"] - origin, "t1": f["t1"] - origin, "at": f["t0"] - origin}
+        if f.get("dead_leases"):
+            g["dead_leases"] = [{**lease, "expires": lease["expires"] - origin if lease.get("expires") is not None
+                                 else None} for lease in f["dead_leases"]]
+        out.append(g)
+    return out
+
+
+DRIVER_FILE = "driver.json"  # not a <pid>.jsonl: load() does not read it as events
+
+
+def save_driver(record_dir: str, driver: dict[str, Any]) -> None:
+    with open(os.path.join(record_dir, DRIVER_FILE), "w", encoding="utf-8") as f:
+        json.dump(driver, f)
+
+
+def judge_again(record_dir: str) -> Verdict:
+    """Judge a kept record (``--keep``, or any failed run) from the files alone."""
+    with open(os.path.join(record_dir, DRIVER_FILE), encoding="utf-8") as f:
+        d = json.load(f)
+    kills = {int(pid): t for pid, t in d["kills"].items()}
+    rec = load(record_dir, kills, d["origin"])
+    return judge(rec, d["sent"], shift_faults(d["faults"], d["origin"]), d["final_free_s"], d["ttl"], d["slack"])
+
+
 def build(events: list[dict[str, Any]], kills: dict[int, float]) -> Record:
     rec = Record()
     runs: dict[tuple[int, str, int], Run] = {}
@@ -125,7 +160,7 @@ def build(events: list[dict[str, Any]], kills: dict[int, float]) -> Record:
             run.end, run.lost_at_end = ev["t"], ev["lost"]
         elif kind == "call":
             a = Attempt(call_id=ev["id"], pid=ev["pid"], policy=ev["policy"], key=ev["key"], t0=ev["t"],
-                        redelivered=bool(ev.get("redelivered")))
+                        redelivered=bool(ev.get("redelivered")), task=ev.get("task"))
             attempts.setdefault((ev["pid"], ev["id"]), []).append(a)
             rec.attempts.append(a)
         elif kind == "ret":
@@ -217,23 +252,104 @@ def check_stuck(faults: list[dict[str, Any]], final_free_s: Optional[float], ttl
     return Check(f"no stuck key (free within ttl+{slack:g}s)", not problems, detail)
 
 
+def _kills(faults: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Each killed pid's first kill (a fault dict: its kind, when, the worker's restart time)."""
+    out: dict[int, dict[str, Any]] = {}
+    for f in sorted(faults, key=lambda f: f["t1"]):
+        if f["kind"] in ("child_kill", "worker_kill"):
+            for pid in f["pids"]:
+                out.setdefault(pid, f)
+    return out
+
+
+def dead_holders(rec: Record, faults: list[dict[str, Any]]) -> list[Run]:
+    """The leases the driver found held by a killed process, at the kill, with no open run for
+    them in the record: the holder was killed after taking the key and before writing its run's
+    start (a first start, a rerun's start, a run after a lost lease was taken again). They hold
+    the key, and rerun requests go to them, until the lease runs out. As a side effect, a killed
+    run whose lease the driver saw learns when that lease ran out (``expires``)."""
+    killed_runs = {(r.pid, r.fence): r for r in rec.runs if r.end is None and r.killed_at is not None}
+    out: list[Run] = []
+    for f in faults:
+        for lease in f.get("dead_leases") or []:
+            if lease.get("after") is False:
+                continue  # gone by the look after the kill: given back before it (or run out at once)
+            pid, fence, k = lease["pid"], int(lease["fence"]), f["t1"]
+            expires = lease.get("expires")
+            run = killed_runs.get((pid, fence))
+            if run is not None:
+                run.expires = expires
+                continue
+            mine = [a for a in rec.attempts if a.pid == pid and a.t0 <= k and lease.get("task")
+                    and a.task == lease["task"]]
+            attempt = max(mine, key=lambda a: a.t0) if mine else None
+            call_id = attempt.call_id if attempt is not None else ""
+            before = [r for r in rec.runs if (r.pid, r.call_id) == (pid, call_id) and r.end is not None
+                      and r.end <= k] if attempt is not None else []
+            # It took the key no earlier than its call began and its last recorded run ended.
+            since = max([attempt.t0 if attempt is not None else k, *(r.end for r in before if r.end is not None)])
+            out.append(Run(key=lease["key"], fence=fence, pid=pid, call_id=call_id,
+                           it=max((r.it + 1 for r in before), default=0), start=since, lease=True,
+                           killed_at=k, unrecorded=True, expires=expires))
+    return out
+
+
+def _alive_until(run: Run, ttl: float) -> float:
+    """The latest moment a run's lease can have been held: its end, or for a killed run, its kill
+    plus ttl (its last renewal was before the kill), or when the driver saw it run out."""
+    if run.end is not None:
+        return run.end
+    if run.killed_at is None:
+        return float("inf")
+    return min(run.killed_at + ttl, run.expires if run.expires is not None else float("inf"))
+
+
+def came_back(rec: Record, run: Run) -> Optional[Attempt]:
+    """The redelivered attempt of a killed run's own message that will take the key again: the
+    first one after the kill that was not itself killed before it got anywhere."""
+    if not run.call_id or run.killed_at is None:
+        return None
+    again = sorted((a for a in rec.attempts if a.call_id == run.call_id and a.redelivered and a.t0 > run.killed_at),
+                   key=lambda a: a.t0)
+    started = {(r.pid, r.call_id) for r in rec.runs if not r.unrecorded}
+    for a in again:
+        if a.t1 is not None or (a.pid, a.call_id) in started:
+            return a
+    return again[-1] if again else None
+
+
 def rerun_requests(rec: Record, ttl: float, slack: float, policy: str,
-                   worker_kills: dict[int, float], redelivery_s: float) -> tuple[dict[str, int], list[str]]:
+                   faults: Sequence[dict[str, Any]] = ()) -> tuple[dict[str, int], list[str]]:
     """Every coalesced call must be followed, in time, by a run of its key that started after it.
 
-    The request is owed by the holder: the run of the key that had started last when the call
-    returned, or a killed run whose lease may still have been alive when the call was made. "In
-    time" is when that holder stopped plus ``slack`` (its own rerun starts right after it
-    releases), or, for a killed holder, its death plus ``ttl`` (the redelivered message waits for
-    the dead lease to expire) plus ``slack`` plus two seconds for the redelivery, or plus
-    ``redelivery_s`` when its whole worker was killed (the broker's visibility timeout). A later
-    flood call can keep a request too; that counts as kept if it comes in time.
+    The request is owed by the holder of the lease the call found: of the runs that can have held
+    the key while the call was made (started before it returned, not ended before it began; a
+    killed run until its lease ran out) and the leases the driver found held by a killed process
+    with no run recorded for them, the one with the highest fence (the latest lease taken). "In
+    time" follows from ttl and the record, never from how fast the machine was:
+
+    - a live holder: its end + ``slack`` (it runs again right after it releases);
+    - a holder that lost its lease: see below;
+    - a killed holder: nothing in the library serves the request until the killed holder's own
+      message comes back (redelivered: at once for a killed pool process, after the broker's
+      visibility timeout for a worker killed whole); that attempt waits out the dead lease (at
+      most ttl from its start), takes the key and runs: its start + ttl + ``slack``. Without a
+      redelivery (default acks), any run by the dead lease's end + ``slack`` keeps it;
+    - no holder at all: the lease the call found was held by a live process between taking the
+      key and recording its run (every killed holder's lease is known from the driver): its run
+      starts at once; by the call's return + ttl + ``slack`` at the latest.
+
+    Any run of the key that starts after the call began and by then keeps the request.
     """
-    by_key: dict[str, list[Run]] = {}
+    kills = _kills(list(faults))
+    runs_of: dict[str, list[Run]] = {}
     for run in rec.runs:
-        by_key.setdefault(run.key, []).append(run)
+        runs_of.setdefault(run.key, []).append(run)
+    holders_of: dict[str, list[Run]] = {k: list(v) for k, v in runs_of.items()}
+    for run in dead_holders(rec, list(faults)):
+        holders_of.setdefault(run.key, []).append(run)
     stats = {"requests": 0, "kept": 0, "kept_by_rerun": 0, "kept_by_redelivery": 0, "tight": 0,
-             "killed_holder": 0, "killed_holder_kept": 0, "lost_holder": 0, "dropped": 0}
+             "killed_holder": 0, "killed_holder_kept": 0, "unrecorded_holder": 0, "lost_holder": 0, "dropped": 0}
     redelivered = {(a.pid, a.call_id) for a in rec.attempts if a.redelivered}
     returned = {(a.pid, a.call_id): a.t1 for a in rec.attempts if a.t1 is not None}
     problems: list[str] = []
@@ -241,31 +357,41 @@ def rerun_requests(rec: Record, ttl: float, slack: float, policy: str,
         if a.policy != policy or a.outcome != "coalesced" or a.t1 is None:
             continue
         stats["requests"] += 1
-        runs = by_key.get(a.key, [])
-        holders = [r for r in runs if r.start <= a.t1 and r.stop + (ttl if r.end is None else 0.0) >= a.t0]
-        owner = max(holders, key=lambda r: r.start) if holders else None
+        runs = runs_of.get(a.key, [])
+        holders = [r for r in holders_of.get(a.key, []) if r.start <= a.t1 and _alive_until(r, ttl) >= a.t0]
+        owner = max(holders, key=lambda r: (r.fence, r.start)) if holders else None
         killed = owner is not None and owner.end is None
+        back: Optional[Attempt] = None
         if owner is None:
-            due = a.t1 + ttl + slack  # no holder in the record (it died before writing): its lease expires
+            due = a.t1 + ttl + slack
+            how = (f"by {due:.3f}: its return + ttl + {slack:g}s (no run of {a.key} was open while it was made, "
+                   "and the driver's looks at every kill found no killed process holding its lease: the holder "
+                   "was alive, between taking the key and writing its start)")
         elif killed:
             assert owner.killed_at is not None
-            due = owner.killed_at + (redelivery_s if owner.pid in worker_kills else ttl + 2.0) + slack
-            # The redelivered message may wait for a free pool process (all can be busy with long
-            # runs or waits): from when it starts, it waits out the dead lease (ttl) and runs.
-            again = [b.t0 for b in rec.attempts if b.call_id == owner.call_id and b.redelivered and b.t0 > a.t0]
-            if again:
-                due = max(due, min(again) + ttl + slack)
+            stats["unrecorded_holder"] += owner.unrecorded
+            back = came_back(rec, owner)
+            expiry = _alive_until(owner, ttl)
+            if back is not None:
+                due = back.t0 + ttl + slack
+                how = (f"by {due:.3f}: its message came back at {back.t0:.3f} (pid {back.pid}, "
+                       f"{back.t0 - owner.killed_at:.2f}s after the kill), + ttl + {slack:g}s")
+            else:
+                due = expiry + slack
+                how = f"by {due:.3f}: its message never came back; its lease ran out by {expiry:.3f}, + {slack:g}s"
         elif owner.lost:
             # The holder learns at release that its lease is gone (a release may wait out a Redis
             # pause or restart); its call then takes the key and runs again (its next iteration),
             # or passes a request on to the run holding the key, which runs again when it ends.
             own_next = [r for r in runs if (r.pid, r.call_id, r.it) == (owner.pid, owner.call_id, owner.it + 1)]
-            back = max(owner.stop, returned.get((owner.pid, owner.call_id), owner.stop),
-                       *(r.start for r in own_next))
-            busy = [r for r in runs if r is not owner and r.start <= back <= r.stop]
-            due = max([back, *(r.stop for r in busy)]) + slack
+            back_at = max(owner.stop, returned.get((owner.pid, owner.call_id), owner.stop),
+                          *(r.start for r in own_next))
+            busy = [r for r in runs if r is not owner and r.start <= back_at <= r.stop]
+            due = max([back_at, *(r.stop for r in busy)]) + slack
+            how = f"by {due:.3f}: the holder's release found the lease lost and took the key again, + {slack:g}s"
         else:
             due = owner.stop + slack
+            how = f"by {due:.3f}: the holder's end + {slack:g}s"
         later = [r for r in runs if r.start > a.t0]
         first = min(later, key=lambda r: r.start) if later else None
         if first is not None and first.start <= due:
@@ -283,24 +409,40 @@ def rerun_requests(rec: Record, ttl: float, slack: float, policy: str,
             why = "its holder lost the lease"
         else:
             stats["dropped"] += 1
-            why = "its holder was neither killed nor lost its lease"
+            why = "its holder was neither killed nor lost its lease" if owner is not None else "no holder"
         nxt = f"the next run started {first.start - due:.2f}s after that" if first else "no run followed"
-        problems.append(f"{a.key}: rerun requested at {a.t0:.3f} by pid {a.pid} was not kept by {due:.3f} ({why}; "
-                        f"holder: {_describe(owner)}; {nxt})")
+        problems.append(f"{a.key}: rerun requested at {a.t0:.3f} by pid {a.pid} (call {a.call_id}) was not kept "
+                        f"{how} ({why}; holder: {_describe(owner, kills)}; {nxt})")
     return stats, problems
 
 
-def _describe(run: Optional[Run]) -> str:
+def _describe(run: Optional[Run], kills: Optional[dict[int, dict[str, Any]]] = None) -> str:
     if run is None:
-        return "none recorded"
-    end = f"{run.end:.3f}" if run.end is not None else f"killed at {run.killed_at:.3f}"
-    return f"fence={run.fence} pid={run.pid} it={run.it} [{run.start:.3f}, {end}] lost={run.lost}"
+        return "none (no open run, no killed process's lease)"
+    kill = (kills or {}).get(run.pid)
+    if run.unrecorded:
+        what = (f"lease fence={run.fence} of pid {run.pid} (call {run.call_id or '?'}, after its run it={run.it - 1})"
+                if run.it else f"lease fence={run.fence} of pid {run.pid} (call {run.call_id or '?'})")
+        text = f"{what}, taken after {run.start:.3f}, no run recorded for it"
+    else:
+        end = f"{run.end:.3f}" if run.end is not None else f"killed at {run.killed_at:.3f}"
+        text = (f"fence={run.fence} pid={run.pid} call {run.call_id} it={run.it} [{run.start:.3f}, {end}] "
+                f"lost={run.lost}")
+    if run.end is None and run.killed_at is not None:
+        if kill is not None and kill["kind"] == "worker_kill":
+            ready = kill.get("restart_s")
+            text += (f"; killed with its whole worker at {run.killed_at:.3f}, a new worker ready "
+                     + (f"{ready:.1f}s later" if ready is not None else "never"))
+        else:
+            text += f"; killed at {run.killed_at:.3f}"
+        if run.expires is not None:
+            text += f", its lease ran out at {run.expires:.3f}"
+    return text
 
 
 def check_rerun(rec: Record, ttl: float, slack: float, policy: str, sent: list[dict[str, Any]], label: str,
-                excuse_killed: bool, worker_kills: dict[int, float],
-                redelivery_s: float) -> tuple[Check, dict[str, int], list[str]]:
-    stats, problems = rerun_requests(rec, ttl, slack, policy, worker_kills, redelivery_s)
+                excuse_killed: bool, faults: Sequence[dict[str, Any]] = ()) -> tuple[Check, dict[str, int], list[str]]:
+    stats, problems = rerun_requests(rec, ttl, slack, policy, faults)
     if excuse_killed:
         problems = [p for p in problems if "its holder was killed" not in p]
     unkept = stats["requests"] - stats["kept"]
@@ -316,6 +458,9 @@ def check_rerun(rec: Record, ttl: float, slack: float, policy: str, sent: list[d
               f" ({stats['tight']} started while the request was returning)")
     detail += (f"; owed by a killed holder: {stats['killed_holder_kept'] + stats['killed_holder']}, of which "
                f"{stats['killed_holder_kept']} kept")
+    if stats["unrecorded_holder"]:
+        detail += (f" ({stats['unrecorded_holder']} owed by a holder killed after it took the key and before it "
+                   "recorded its run)")
     if excuse_killed:
         detail += f" and {stats['killed_holder']} not (allowed here)"
     else:
@@ -333,17 +478,16 @@ def check_rerun(rec: Record, ttl: float, slack: float, policy: str, sent: list[d
 
 
 def judge(rec: Record, sent: list[dict[str, Any]], faults: list[dict[str, Any]], final_free_s: Optional[float],
-          ttl: float, slack: float, redelivery_s: float) -> Verdict:
+          ttl: float, slack: float) -> Verdict:
     problems: list[str] = []
     overlap, ostats, p = check_overlap(rec.runs)
     problems += p
-    worker_kills = {pid: f["t1"] for f in faults if f["kind"] == "worker_kill" for pid in f["pids"]}
     plain, _, p = check_rerun(rec, ttl, slack, "rerun", sent, "rerun keeps its promise (default acks)", True,
-                              worker_kills, redelivery_s)
+                              faults)
     problems += p
     durable, _, p = check_rerun(rec, ttl, slack, "rerun_durable", sent,
                                 "rerun keeps its promise, killed holders too (acks_late + reject_on_worker_lost)",
-                                False, worker_kills, redelivery_s)
+                                False, faults)
     problems += p
     checks = [overlap, check_leases(rec.runs), check_stuck(faults, final_free_s, ttl, slack), plain, durable]
 
@@ -377,6 +521,8 @@ def judge(rec: Record, sent: list[dict[str, Any]], faults: list[dict[str, Any]],
         ("task executions killed before returning", outcomes.get("killed", 0)),
         ("lost leases (holders that learnt it / on_lost calls)", f"{lost_leases} / {rec.lost_events}"),
         ("overlapping pairs, all excused by a lost lease and a lower fence", ostats["overlaps"]),
+        ("acks_late messages of killed holders back after the kill (s), pool process / whole worker (median / max)",
+         " / ".join(_spread(_redelivery_after(rec, faults, kind)) for kind in ("child_kill", "worker_kill"))),
         ("whole workers back after a kill (s)", ", ".join(f"{f['restart_s']:.1f}" for f in faults
                                                           if f.get("restart_s") is not None) or "-"),
         ("faults injected", f"{len(faults)} (" + ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items())) + ")"),
@@ -408,6 +554,18 @@ def judge(rec: Record, sent: list[dict[str, Any]], faults: list[dict[str, Any]],
     return Verdict(checks, counts, recovery, problems, log)
 
 
+def _redelivery_after(rec: Record, faults: list[dict[str, Any]], kind: str) -> list[float]:
+    """For each task execution killed by a fault of ``kind``: how long until its message started again."""
+    kills = {pid: f["t1"] for pid, f in _kills(faults).items() if f["kind"] == kind}
+    out = []
+    for a in rec.attempts:
+        if a.t1 is None and a.pid in kills:
+            again = [b.t0 for b in rec.attempts if b.call_id == a.call_id and b.redelivered and b.t0 > kills[a.pid]]
+            if again:
+                out.append(min(again) - kills[a.pid])
+    return out
+
+
 def _spread(values: list[float]) -> str:
     if not values:
         return "-"
@@ -432,3 +590,13 @@ def markdown(v: Verdict, command: str, took_s: float, params: str) -> str:
     if v.problems:
         out += ["", "Findings (first 20):", ""] + [f"- {p}" for p in v.problems[:20]]
     return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m chaos.check RECORD_DIR   (a record kept by python -m chaos.run)")
+    verdict = judge_again(sys.argv[1])
+    print(markdown(verdict, f"python -m chaos.check {sys.argv[1]}", 0.0, "judged again from the kept record"))
+    sys.exit(0 if verdict.ok else 1)

@@ -42,9 +42,6 @@ SLACK = 0.5
 PAUSE_S = 3.5  # > ttl, so every lease expires while the server is stopped; < the 10 s socket timeout
 VISIBILITY_TIMEOUT = 60.0  # > the longest a message is held: a rerun chain under the flood reached 38 s
 LEASE_PREFIX = "single_task:"
-# How late the message of a worker killed whole comes back: the visibility timeout, two rounds of
-# the restore scan (every 2 s, see chaos/app.py), then a dead lease's ttl and the queue.
-REDELIVERY_S = VISIBILITY_TIMEOUT + 4.0 + TTL + 3.0
 
 # The cycle of faults, at seconds into the flood. The quick run plays it once; the long run plays
 # it five times, each cycle shuffled, 44 s apart. Faults never overlap, so each one's recovery is
@@ -236,24 +233,32 @@ class ChaosRun:
                 continue
         return set(started.values())
 
-    def _held_by(self, pids: set[int]) -> dict[str, str]:
-        """Lease keys whose holder is one of ``pids``, with their token."""
+    def _held_by(self, pids: set[int]) -> dict[str, dict[str, Any]]:
+        """Lease keys whose holder is one of ``pids``: token, holder pid, fence, Celery task id, whether
+        a rerun is owed, and when the lease runs out (monotonic; nothing renews a dead holder's)."""
         held = {}
         for name in self.watch.scan_iter(match=LEASE_PREFIX + "{*", count=200):
             if not name.endswith("}"):
                 continue  # a companion key (fence, queue, hand-off)
-            t, h = self.watch.hmget(name, "t", "h")
-            if t and h and holder_pid(h) in pids:
-                held[name] = t
+            pipe = self.watch.pipeline(transaction=True)
+            pipe.hmget(name, "t", "h", "f", "i", "r")
+            pipe.pttl(name)
+            (t, h, f, i, r), pttl = pipe.execute()
+            seen = time.monotonic()
+            pid = holder_pid(h) if h else None
+            if t and pid in pids:
+                held[name] = {"token": t, "key": name[len(LEASE_PREFIX) + 1:-1], "pid": pid,
+                              "fence": int(f) if f and f.isdigit() else 0, "task": i or None, "rerun": bool(r),
+                              "expires": seen + max(int(pttl), 0) / 1000.0}
         return held
 
-    def _wait_free(self, held: dict[str, str], since: float, limit: float) -> Optional[float]:
+    def _wait_free(self, held: dict[str, dict[str, Any]], since: float, limit: float) -> Optional[float]:
         """Seconds from ``since`` until none of ``held`` is still held by the same token."""
         if not held:
             return None
         for _ in range(int(limit / 0.02) + 1):
             try:
-                still = [k for k, tok in held.items() if self.watch.hget(k, "t") == tok]
+                still = [k for k, lease in held.items() if self.watch.hget(k, "t") == lease["token"]]
             except redis.RedisError:
                 still = list(held)
             if not still:
@@ -277,7 +282,7 @@ class ChaosRun:
                 time.sleep(0.02)
         return None
 
-    def _kill(self, pids: list[int], worker: Optional[CeleryWorker] = None) -> tuple[float, dict[str, str]]:
+    def _kill(self, pids: list[int], worker: Optional[CeleryWorker] = None) -> tuple[float, dict[str, dict[str, Any]]]:
         held = self._held_by(set(pids))
         if worker is not None:
             worker.kill()
@@ -291,6 +296,29 @@ class ChaosRun:
         for pid in pids:
             self.kills.setdefault(pid, t)  # a run of a killed pid ended at its first kill
         return t, held
+
+    def _look_again(self, pids: list[int], held: dict[str, dict[str, Any]]) -> None:
+        """Complete the leases seen just before the kill with a look after it: a holder can take a
+        key between the first look and the kill, and a lease it still renewed then runs out later
+        than the first look says. Once the holder is dead, its leases change no more (but for a
+        rerun asked of them), so one look after the kill (and the probe) sees each one that is left.
+        ``after`` is False for a lease the second look no longer found (given back before the kill,
+        or already run out); its ``expires`` is then only a lower bound."""
+        try:
+            after = self._held_by(set(pids))
+        except redis.RedisError:
+            return
+        for lease in held.values():
+            lease["after"] = False
+        for name, lease in after.items():
+            before = held.get(name)
+            if before is not None and before["token"] == lease["token"]:
+                lease["seen_before"] = True
+            held[name] = {**lease, "after": True}
+
+    @staticmethod
+    def _dead_leases(held: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in lease.items() if k != "token"} for _, lease in sorted(held.items())]
 
     def _owing_pids(self, prefix: str) -> set[int]:
         """Pids holding a lease of a ``prefix`` key on which a rerun was requested (field 'r')."""
@@ -330,9 +358,10 @@ class ChaosRun:
         pid = self.rng.choice(pool)
         t, held = self._kill([pid])
         probe = self._probe(t)
+        self._look_again([pid], held)
         dead_free = self._wait_free(held, t, 3 * TTL)
         return {"t0": t, "t1": t, "pids": [pid], "target": target, "dead_keys": sorted(held),
-                "dead_free_s": dead_free, "probe_s": probe}
+                "dead_leases": self._dead_leases(held), "dead_free_s": dead_free, "probe_s": probe}
 
     def fault_worker_kill(self) -> dict[str, Any]:
         worker = self.rng.choice(self.workers)
@@ -341,11 +370,13 @@ class ChaosRun:
         t, held = self._kill(pids, worker)
         self.workers.remove(worker)
         probe = self._probe(t)
+        self._look_again(pids, held)
         dead_free = self._wait_free(held, t, 3 * TTL)
         index = len(self.all_workers)
         replacement = self._start_worker(index)
-        return {"t0": t, "t1": t, "pids": pids, "dead_keys": sorted(held), "dead_free_s": dead_free,
-                "probe_s": probe, "restart_s": time.monotonic() - t if replacement else None}
+        return {"t0": t, "t1": t, "pids": pids, "dead_keys": sorted(held), "dead_leases": self._dead_leases(held),
+                "dead_free_s": dead_free, "probe_s": probe,
+                "restart_s": time.monotonic() - t if replacement else None}
 
     def fault_pause(self) -> dict[str, Any]:
         t0 = time.monotonic()
@@ -459,10 +490,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not drained:
             run.errors.append("the queue did not drain in time")
         run.final_free_s = run.watch_keys_free(3 * TTL)
+        # What the driver saw, next to the workers' record: `python -m chaos.check DIR` judges it again.
+        check.save_driver(record_dir, {"command": command, "ttl": TTL, "slack": SLACK, "origin": run.t_start,
+                                       "kills": run.kills, "sent": run.sent, "faults": run.faults,
+                                       "final_free_s": run.final_free_s})
         rec = check.load(record_dir, run.kills, run.t_start)
-        faults = [{**f, "t0": f["t0"] - run.t_start, "t1": f["t1"] - run.t_start, "at": f["t0"] - run.t_start}
-                  for f in run.faults]
-        verdict = check.judge(rec, run.sent, faults, run.final_free_s, TTL, SLACK, REDELIVERY_S)
+        faults = check.shift_faults(run.faults, run.t_start)
+        verdict = check.judge(rec, run.sent, faults, run.final_free_s, TTL, SLACK)
         if run.errors:
             verdict.checks.append(check.Check("the harness itself ran cleanly", False, "; ".join(run.errors)[:500]))
         ok = verdict.ok

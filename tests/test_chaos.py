@@ -26,9 +26,14 @@ def end(key: str, fence: int, pid: int, t: float, lost: bool = False, call: str 
             "lost": lost}
 
 
-def call(call_id: str, pid: int, policy: str, key: str, t0: float, t1: float, outcome: str) -> list[dict[str, Any]]:
-    return [{"ev": "call", "id": call_id, "pid": pid, "policy": policy, "key": key, "t": t0},
-            {"ev": "ret", "id": call_id, "pid": pid, "t": t1, "outcome": outcome, "runs": 0}]
+def call(call_id: str, pid: int, policy: str, key: str, t0: float, t1: float | None, outcome: str = "",
+         task: str = "", redelivered: bool = False) -> list[dict[str, Any]]:
+    """A task execution: its call event and, unless ``t1`` is None (killed), what became of it."""
+    began = {"ev": "call", "id": call_id, "pid": pid, "policy": policy, "key": key, "t": t0,
+             "task": task or f"task-{call_id}", "redelivered": redelivered}
+    if t1 is None:
+        return [began]
+    return [began, {"ev": "ret", "id": call_id, "pid": pid, "t": t1, "outcome": outcome, "runs": 0}]
 
 
 def overlap_check(events: list[dict[str, Any]], kills: dict[int, float] | None = None) -> check.Check:
@@ -76,10 +81,11 @@ def test_a_run_without_a_lease_fails_the_check() -> None:
     assert not check.check_leases(check.build([start("k", 0, 10, 0.0, lease=False)], {}).runs).ok
 
 
-def rerun_check(events: list[dict[str, Any]], policy: str, kills: dict[int, float] | None = None) -> check.Check:
+def rerun_check(events: list[dict[str, Any]], policy: str, kills: dict[int, float] | None = None,
+                faults: list[dict[str, Any]] | None = None) -> check.Check:
     rec = check.build(events, kills or {})
     sent = [{"id": a.call_id, "policy": a.policy} for a in rec.attempts]
-    return check.check_rerun(rec, TTL, SLACK, policy, sent, "rerun", policy == "rerun", {}, 40.0)[0]
+    return check.check_rerun(rec, TTL, SLACK, policy, sent, "rerun", policy == "rerun", faults or [])[0]
 
 
 def test_a_rerun_request_is_kept_by_the_holder_running_again() -> None:
@@ -126,6 +132,103 @@ def test_a_rerun_owed_by_a_holder_that_lost_its_lease_must_be_kept_by_the_holder
 
     assert rerun_check(events(True), policy).ok
     assert not rerun_check(events(False), policy).ok
+
+
+# A whole worker killed at 10.0 (its replacement ready 3 s later) while its pool process 10 held
+# "durable:1" under fence 7 for call "h": taken again after a lost lease, killed before it wrote
+# the run's start (the record only shows h's first run, ended at 9.0). The driver saw the lease
+# at the kill, and saw it run out at 11.9. A rerun call arrives at 10.8 and coalesces into that
+# dead lease; the flag dies with it. h's message comes back after the visibility timeout.
+KILL = 10.0
+
+
+def worker_kill(leases: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"kind": "worker_kill", "t0": KILL, "t1": KILL, "at": KILL, "pids": [9, 10], "restart_s": 3.0,
+            "dead_keys": ["single_task:{durable:1}"], "dead_leases": leases}
+
+
+DEAD_LEASE = {"key": "durable:1", "pid": 10, "fence": 7, "task": "task-h", "rerun": True, "expires": 11.9,
+              "after": True}
+
+
+def killed_mid_retake(back_at: float | None, runs_after_back: float = 0.01) -> list[dict[str, Any]]:
+    events = [*call("h", 10, "rerun_durable", "durable:1", 8.0, None), start("durable:1", 6, 10, 8.0, call="h"),
+              end("durable:1", 6, 10, 9.0, call="h"),
+              {"ev": "lost", "key": "durable:1", "fence": 6, "pid": 10, "t": 9.9},
+              *call("c", 11, "rerun_durable", "durable:1", 10.8, 10.81, "coalesced")]
+    if back_at is not None:
+        t = back_at + runs_after_back
+        events += [*call("h", 12, "rerun_durable", "durable:1", back_at, t + 0.5, "ran", redelivered=True),
+                   start("durable:1", 8, 12, t, call="h"), end("durable:1", 8, 12, t + 0.5, call="h")]
+    return events
+
+
+def test_a_request_owed_by_a_holder_killed_before_it_recorded_its_run_is_kept_by_its_redelivered_message() -> None:
+    # No flood call comes by: only h's own message, back 57 s after the kill, runs the key again.
+    events = killed_mid_retake(back_at=KILL + 57.0)
+    assert rerun_check(events, "rerun_durable", {10: KILL, 9: KILL}, [worker_kill([DEAD_LEASE])]).ok
+    # Without the driver's look at the lease, the request has no holder, and waiting for ttl fails it.
+    assert not rerun_check(events, "rerun_durable", {10: KILL, 9: KILL}, []).ok
+
+
+def test_a_request_owed_by_a_killed_holder_whose_message_never_comes_back_fails_and_names_the_lease() -> None:
+    events = killed_mid_retake(back_at=None)
+    rec = check.build(events, {10: KILL, 9: KILL})
+    stats, problems = check.rerun_requests(rec, TTL, SLACK, "rerun_durable", [worker_kill([DEAD_LEASE])])
+    assert stats["killed_holder"] == 1 and stats["unrecorded_holder"] == 1
+    assert len(problems) == 1
+    assert "lease fence=7 of pid 10 (call h, after its run it=0)" in problems[0], problems[0]
+    assert "killed with its whole worker at 10.000, a new worker ready 3.0s later" in problems[0], problems[0]
+    assert "its message never came back" in problems[0], problems[0]
+
+
+def test_a_redelivered_message_that_does_not_run_in_time_fails_and_names_the_lease() -> None:
+    # Back at 67.0, but its run starts 2.6 s later: more than the ttl it can wait for the dead lease.
+    events = killed_mid_retake(back_at=KILL + 57.0, runs_after_back=TTL + SLACK + 0.1)
+    rec = check.build(events, {10: KILL, 9: KILL})
+    _, problems = check.rerun_requests(rec, TTL, SLACK, "rerun_durable", [worker_kill([DEAD_LEASE])])
+    assert len(problems) == 1 and "its message came back at 67.000 (pid 12" in problems[0], problems[0]
+    assert "lease fence=7 of pid 10" in problems[0], problems[0]
+
+
+def test_a_request_kept_by_a_later_call_before_the_redelivery_passes() -> None:
+    events = [*killed_mid_retake(back_at=KILL + 57.0),
+              *call("n", 13, "rerun_durable", "durable:1", 12.0, 12.5, "ran"),
+              start("durable:1", 8, 13, 12.0, call="n"), end("durable:1", 8, 13, 12.5, call="n")]
+    assert rerun_check(events, "rerun_durable", {10: KILL, 9: KILL}, [worker_kill([DEAD_LEASE])]).ok
+
+
+def test_a_lease_given_back_before_the_kill_is_no_holder() -> None:
+    # The look before the kill saw it, the look after did not: the request has no holder, and a
+    # live holder (none is recorded) would have run by the return + ttl + slack.
+    events = killed_mid_retake(back_at=KILL + 57.0)
+    rec = check.build(events, {10: KILL, 9: KILL})
+    gone = worker_kill([{**DEAD_LEASE, "after": False}])
+    _, problems = check.rerun_requests(rec, TTL, SLACK, "rerun_durable", [gone])
+    assert len(problems) == 1 and "holder: none (no open run, no killed process's lease)" in problems[0], problems[0]
+
+
+def test_a_request_that_finds_no_holder_and_no_run_follows_fails_and_says_why() -> None:
+    events = call("c", 11, "rerun_durable", "durable:1", 10.8, 10.81, "coalesced")
+    rec = check.build(events, {})
+    _, problems = check.rerun_requests(rec, TTL, SLACK, "rerun_durable", [])
+    assert len(problems) == 1, problems
+    assert "no run of durable:1 was open while it was made, and the driver's looks at every kill" in problems[0]
+    assert "holder: none" in problems[0] and "no run followed" in problems[0]
+
+
+def test_a_killed_pool_process_whose_message_waits_behind_a_backlog_is_judged_from_its_redelivery() -> None:
+    # A pool process killed inside its run at 10.0; its rejected message waits 9 s in the queue.
+    def events(run_after: float) -> list[dict[str, Any]]:
+        back = 19.0
+        return [*call("h", 10, "rerun_durable", "k", 9.0, None), start("k", 1, 10, 9.0, call="h"),
+                *call("c", 11, "rerun_durable", "k", 10.5, 10.51, "coalesced"),
+                *call("h", 12, "rerun_durable", "k", back, back + run_after + 0.2, "ran", redelivered=True),
+                start("k", 2, 12, back + run_after, call="h"), end("k", 2, 12, back + run_after + 0.2, call="h")]
+    child = [{"kind": "child_kill", "t0": KILL, "t1": KILL, "at": KILL, "pids": [10]}]
+    assert rerun_check(events(0.01), "rerun_durable", {10: KILL}, child).ok
+    assert rerun_check(events(TTL), "rerun_durable", {10: KILL}, child).ok  # it waited out the dead lease
+    assert not rerun_check(events(TTL + SLACK + 0.1), "rerun_durable", {10: KILL}, child).ok
 
 
 def test_the_quick_chaos_run_passes(tmp_path: Path) -> None:
