@@ -487,15 +487,31 @@ def is_queued(task: Any, *args: Any, **kwargs: Any) -> bool:
 #   :fence   the last fence issued, and after a release ":token" of the lease released last
 #   :q :w    the wait queue (tokens, first come first served) and each waiter's details
 #   :h:TOKEN the hand-off list a waiter blocks on
-#   :queued  the task id of a send_once message waiting in the broker ("p:" while unconfirmed)
+#   :queued  "ID|MS": the task id of a send_once message waiting in the broker and when it was
+#            marked (server ms); "p:ID|MS" while unconfirmed
 # A script that fails half-way keeps what it wrote, so every key gets its expiry in the command
 # that creates it, or right after it through pcall (deleted if the expiry is refused): no error,
 # an ACL missing a command say, leaves a key that never expires.
 
+# Shared Lua: the task id in a queued marker, and giving up a task's own marker.
+_LUA_MARKER: Final = r"""
+local function marker_id(v)
+  if not v then return nil end
+  local id = string.match(v, '^(.*)|%d+$') or v
+  if string.sub(id, 1, 2) == 'p:' then id = string.sub(id, 3) end
+  return id
+end
+local function unqueue(lease, tid)
+  if tid == '' then return end
+  local queued = lease .. ':queued'
+  if marker_id(redis.call('GET', queued)) == tid then redis.call('DEL', queued) end
+end
+"""
+
 # Shared Lua: a fence is the server clock in microseconds, above the last one issued for the key
 # (kept ttl + 60 s in :fence), so it grows across expiry and restarts. ``tomb`` is what the fence
 # key remembers besides: the token of the lease released last (see _RELEASE).
-_LUA_TAKE: Final = r"""
+_LUA_TAKE: Final = _LUA_MARKER + r"""
 local function expire(key, ms)
   local ok = redis.pcall('PEXPIRE', key, ms)
   if type(ok) == 'table' and ok.err then
@@ -537,9 +553,7 @@ local function hand_off(lease, tomb)
       local t = redis.call('TIME')
       if alive and tonumber(alive) >= tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) then
         local f = take(lease, w, math.min(tonumber(ttl), tonumber(ARGV[#ARGV])), tid, holder, tomb)
-        local queued = lease .. ':queued'
-        local cur = redis.call('GET', queued)
-        if tid ~= '' and (cur == tid or cur == 'p:' .. tid) then redis.call('DEL', queued) end
+        unqueue(lease, tid)
         local hk = lease .. ':h:' .. w
         redis.call('RPUSH', hk, f)
         expire(hk, ttl)
@@ -563,11 +577,7 @@ local lease, token, ttl, tid, busy = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[5]
 local cur = redis.call('HMGET', lease, 't', 'i', 'f')
 if not cur[1] then
   local f = take(lease, token, ttl, tid, ARGV[4])
-  if tid ~= '' then
-    local queued = lease .. ':queued'
-    local q = redis.call('GET', queued)
-    if q == tid or q == 'p:' .. tid then redis.call('DEL', queued) end
-  end
+  unqueue(lease, tid)
   if busy == 'w' then
     redis.call('LREM', lease .. ':q', 0, token)
     redis.call('HDEL', lease .. ':w', token)
@@ -586,11 +596,7 @@ if tid ~= '' and cur[2] == tid then
   busy = 'w'
 end
 local pttl = redis.call('PTTL', lease)
-if busy ~= 'w' and tid ~= '' then
-  local queued = lease .. ':queued'
-  local q = redis.call('GET', queued)
-  if q == tid or q == 'p:' .. tid then redis.call('DEL', queued) end
-end
+if busy ~= 'w' then unqueue(lease, tid) end
 if busy == 'r' then
   redis.call('HSET', lease, 'r', '1')
 elseif busy == 'w' then
@@ -655,9 +661,7 @@ local lease, token, tid = KEYS[1], ARGV[1], ARGV[2]
 redis.call('LREM', lease .. ':q', 0, token)
 redis.call('HDEL', lease .. ':w', token)
 redis.call('DEL', lease .. ':h:' .. token)
-local queued = lease .. ':queued'
-local q = redis.call('GET', queued)
-if tid ~= '' and (q == tid or q == 'p:' .. tid) then redis.call('DEL', queued) end
+unqueue(lease, tid)
 local cur = redis.call('HMGET', lease, 't', 'f')
 if cur[1] ~= token then return {0} end
 if ARGV[4] == '1' then
@@ -682,23 +686,23 @@ return cur
 # send_once: mark a message as queued, provisionally (ARGV[2] ms), unless one already is. Returns
 # nil when the caller should publish (also when the marker is its own: a check that a client
 # retried, or that the caller repeats after an error), else the id of the waiting message.
-_MARK: Final = r"""
-local cur = redis.call('GET', KEYS[1])
-if cur and cur ~= ARGV[1] and cur ~= 'p:' .. ARGV[1] then
-  if string.sub(cur, 1, 2) == 'p:' then return string.sub(cur, 3) end
-  return cur
-end
-redis.call('SET', KEYS[1], 'p:' .. ARGV[1], 'PX', ARGV[2])
+_MARK: Final = _LUA_MARKER + r"""
+local id = marker_id(redis.call('GET', KEYS[1]))
+if id and id ~= ARGV[1] then return id end
+local t = redis.call('TIME')
+local ms = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+redis.call('SET', KEYS[1], 'p:' .. ARGV[1] .. '|' .. ms, 'PX', ARGV[2])
 return false
 """
 
 # send_once, after publishing: confirm the provisional marker for ARGV[2] ms (ARGV[3] '1'), or
 # remove it after a failed publish ('0') -- in both cases only while it is still the caller's.
-_CONFIRM: Final = r"""
+_CONFIRM: Final = _LUA_MARKER + r"""
 local cur = redis.call('GET', KEYS[1])
-if cur ~= 'p:' .. ARGV[1] and cur ~= ARGV[1] then return 0 end
+if marker_id(cur) ~= ARGV[1] then return 0 end
 if ARGV[3] == '1' then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  local ms = string.match(cur, '|(%d+)$') or '0'
+  redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ms, 'PX', ARGV[2])
 else
   redis.call('DEL', KEYS[1])
 end
@@ -2253,7 +2257,7 @@ def _describe(client: Any, prefix: str, items: list[tuple[str, str]]) -> list[di
             if kind == "lease":
                 rows.append(_lease_row(key, _fields(first), pttl, extra, now_ms))
             else:
-                rows.append(_queued_row(key, first, pttl))
+                rows.append(_queued_row(key, first, pttl, now_ms))
     return rows
 
 
@@ -2288,11 +2292,18 @@ def _lease_row(key: str, fields: dict[str, str], pttl: Any, waiters: Any, now_ms
     }
 
 
-def _queued_row(key: str, value: Any, pttl: Any) -> dict[str, Any]:
+def _queued_row(key: str, value: Any, pttl: Any, now_ms: Optional[int]) -> dict[str, Any]:
     text = _text(value)
-    text = text[2:] if text.startswith("p:") else text  # provisional: being published
+    task_id, sep, marked = text.rpartition("|")
+    if not sep or not marked.isdigit():
+        task_id, marked = text, ""
+    provisional = task_id.startswith("p:")  # being published
+    task_id = task_id[2:] if provisional else task_id
+    since = int(marked) if marked else None
     pttl = int(pttl) if isinstance(pttl, int) else -2
-    return {"key": key, "kind": "queued", "task_id": text, "value": text,
+    return {"key": key, "kind": "queued", "task_id": task_id, "value": text, "provisional": provisional,
+            "marked_at": None if since is None else _iso(since),
+            "age_s": None if since is None or now_ms is None else max(0.0, (now_ms - since) / 1000.0),
             "time_left_s": pttl / 1000.0 if pttl >= 0 else None}
 
 

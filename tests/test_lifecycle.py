@@ -250,7 +250,7 @@ def test_send_once_publishes_when_its_queued_check_was_retried_after_it_ran(redi
         result = send_once(task, (1,))
         assert proxy.dropped == 1
         assert r.llen("celery") == 2, "send_once returned a result for a message it never published"
-        assert r.get("single_task:{so:1}:queued").endswith(result.id)
+        assert r.get("single_task:{so:1}:queued").split("|")[0] == result.id
     finally:
         proxy.close()
 
@@ -275,7 +275,7 @@ def test_a_timed_out_queued_check_leaves_no_marker_that_blocks_the_retry(broker:
         time.sleep(0.2)  # the check the client gave up on runs now
         result = send_once(task, (1,))
         assert plain.llen("celery") == 2, "the retry got a phantom: nothing was published"
-        assert plain.get("single_task:{st:1}:queued").decode().endswith(result.id)
+        assert plain.get("single_task:{st:1}:queued").decode().split("|")[0] == result.id
 
 
 # -- 8. a killed waiter does not keep the key for a whole ttl ---------------------------------------
