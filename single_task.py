@@ -59,6 +59,7 @@ __all__ = [
     "is_queued",
     "is_running",
     "send_once",
+    "signals",  # noqa: F822 - made at first use, by the module's __getattr__
     "single_run",
 ]
 __version__ = "0.1.0"
@@ -131,6 +132,7 @@ class Lease:
         "_renew_at",
         "_renewing",
         "_state",
+        "_task",
         "_token",
         "_ttl",
         "acquired_at",
@@ -170,6 +172,7 @@ class Lease:
         self._renewing = False  # handed to a renewer thread, answer pending
         self._next_token = ""  # the token a rerun takes over under, once a release asked for one
         self._pid = os.getpid()  # leases belong to the process that took them
+        self._task: Any = None  # the Celery task of the run, for signals
         self._on_lost = on_lost
         self._parent: Optional[Lease] = None
         self._context: Optional[contextvars.Token[Optional[Lease]]] = None
@@ -437,6 +440,7 @@ def send_once(task: Any, args: Any = None, kwargs: Optional[dict[str, Any]] = No
     if waiting is not None:
         waiting_id = waiting.decode() if isinstance(waiting, bytes) else str(waiting)
         log_acquire.debug("Queued already %r: returning task %s", key, waiting_id)
+        _send("deduplicated", key, task=task, task_id=waiting_id)
         return task.AsyncResult(waiting_id)
     try:
         result = task.apply_async(call_args, call_kwargs, task_id=task_id, **options)
@@ -475,6 +479,62 @@ def is_queued(task: Any, *args: Any, **kwargs: Any) -> bool:
         return bool(_client_of(spec, task).exists(_lease_key(spec.prefix, key) + ":queued"))
     except redis.RedisError as exc:
         raise RedisUnavailable(f"could not ask Redis whether {key!r} is queued: {exc}", key) from exc
+
+
+class _Signals:
+    """``single_task.signals``: Celery signals, one sent for every decision the library makes.
+
+    Each is sent with ``sender`` = the key (without prefix) and these keyword arguments:
+
+    - ``acquired(lease, task)``: a run or ``with`` block took the lease (a rerun too).
+    - ``released(lease, task, confirmed)``: it gave the lease back (``confirmed=False``: Redis did
+      not answer, and the key expires by itself).
+    - ``lost(lease, task, reason)``: the lease was lost (see ``on_lost``).
+    - ``busy(policy, action, task, time_left)``: the key was held; ``action`` is what the call did:
+      "skipped", "rerun_requested", "waiting", "retry_sent", "raised" or "throttled".
+    - ``deduplicated(task, task_id)``: ``send_once`` returned the waiting message ``task_id``.
+
+    ``task`` is the Celery task when there is one, else None. A receiver that raises is logged and
+    changes nothing: it never breaks a run, a release or the watchdog.
+    """
+
+    def __init__(self) -> None:
+        from celery.utils.dispatch import Signal
+
+        self.acquired = Signal(name="single_task.acquired", providing_args={"lease", "task"})
+        self.released = Signal(name="single_task.released", providing_args={"lease", "task", "confirmed"})
+        self.lost = Signal(name="single_task.lost", providing_args={"lease", "task", "reason"})
+        self.busy = Signal(name="single_task.busy", providing_args={"policy", "action", "task", "time_left"})
+        self.deduplicated = Signal(name="single_task.deduplicated", providing_args={"task", "task_id"})
+
+
+_signals: Optional[_Signals] = None
+_signals_lock = threading.Lock()
+
+
+def __getattr__(name: str) -> Any:
+    # ``single_task.signals`` is made at first use: importing Celery's dispatch costs ~80 ms, which
+    # a process that never listens should not pay.
+    global _signals
+    if name == "signals":
+        with _signals_lock:
+            if _signals is None:
+                _signals = _Signals()
+        return _signals
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _send(name: str, sender: str, **named: Any) -> None:
+    """Send signal ``name`` if anyone listens; a receiver that raises (anything) is only logged."""
+    if _signals is None:
+        return
+    signal = getattr(_signals, name)
+    if not signal.receivers:
+        return
+    try:
+        signal.send(sender=sender, **named)
+    except BaseException:
+        logging.getLogger("single_task.signals").exception("a receiver of single_task.signals.%s raised", name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -835,36 +895,49 @@ def _acquire(spec: single_run, key: str, policy: str, task: Any, client: Any) ->
         _give_back_quietly(client, redis_key, token, spec._ttl_ms)
         raise
     if reply[0] == 1:
-        return _held(spec, key, redis_key, token, int(reply[1]), client, sent, holder)
+        return _held(spec, key, redis_key, token, int(reply[1]), client, sent, holder, task)
     pttl, own = int(reply[1]), int(reply[2])
     if own:
         # Our own earlier attempt holds the key and is about to release it (self.retry()
         # publishes before it unwinds): wait for the hand-off rather than skip our own retry.
-        lease = _wait(spec, key, client, redis_key, token, task_id, holder, spec.ttl, pttl, sent)
+        _busy(key, policy, "waiting", task, pttl)
+        lease = _wait(spec, key, client, redis_key, token, task_id, task, holder, spec.ttl, pttl, sent)
         if lease is not None:
             return lease
         if policy == "wait":
             sent = time.monotonic()
     if policy == "wait":
-        lease = _wait(spec, key, client, redis_key, token, task_id, holder, spec.timeout, pttl, sent)
+        if not own:
+            _busy(key, policy, "waiting", task, pttl)
+        lease = _wait(spec, key, client, redis_key, token, task_id, task, holder, spec.timeout, pttl, sent)
         if lease is not None:
             return lease
         raise AlreadyRunning(f"{key!r} is still held after waiting {spec.timeout}s", key)
     if policy == "rerun":
         log_acquire.info("Busy %r: the holder will run again after its current run", key)
+        _busy(key, policy, "rerun_requested", task, pttl)
         return None
     if policy == "skip":
         log_acquire.info("Busy %r: skipped (%d ms left on the holder's lease)", key, pttl)
+        _busy(key, policy, "skipped", task, pttl)
         return None
+    if policy != "retry":  # "retry" is reported by the caller, once the retry is sent
+        _busy(key, policy, "raised", task, pttl)
     raise AlreadyRunning(f"{key!r} is already running (the holder's lease has {pttl} ms left)", key)
 
 
+def _busy(key: str, policy: str, action: str, task: Any, pttl_ms: int) -> None:
+    _send("busy", key, policy=policy, action=action, task=task, time_left=max(0, pttl_ms) / 1000.0)
+
+
 def _held(spec: single_run, key: str, redis_key: str, token: str, fence: int, client: Any, sent: float,
-          holder: dict[str, Any]) -> Lease:
+          holder: dict[str, Any], task: Any) -> Lease:
     """A lease just confirmed by Redis (the request sent at ``sent``): held, and renewed from now on."""
     lease = Lease(key, redis_key, token, fence, spec.ttl, client, sent + spec.ttl, holder, spec.on_lost)
+    lease._task = task
     _watchdog.add(lease)
     log_acquire.debug("Acquired %r fence=%s", key, fence)
+    _send("acquired", key, lease=lease, task=task)
     return lease
 
 
@@ -887,6 +960,7 @@ def _wait(
     redis_key: str,
     token: str,
     task_id: str,
+    task: Any,
     holder: dict[str, Any],
     timeout: Optional[float],
     pttl_ms: int,
@@ -941,7 +1015,7 @@ def _wait(
         _give_back_quietly(client, redis_key, token, spec._ttl_ms)
         raise
     log_acquire.debug("Acquired %r by hand-off", key)
-    return _held(spec, key, redis_key, token, fence, client, sent, holder)
+    return _held(spec, key, redis_key, token, fence, client, sent, holder, task)
 
 
 def _replicated(spec: single_run, client: Any, script: str, redis_key: str, token: str, *args: Any) -> Any:
@@ -1017,6 +1091,7 @@ def _release(lease: Lease, mode: str, warn: bool = True) -> int:
         _settle(lease, _RELEASED_STATE)
         if not isinstance(exc, redis.RedisError):
             raise
+        _send("released", lease.key, lease=lease, task=lease._task, confirmed=False)
         if warn:
             log_release.warning(
                 "Could not release %r (%s); it expires by itself within %.1fs", lease.key, exc, lease.time_left
@@ -1033,6 +1108,7 @@ def _release(lease: Lease, mode: str, warn: bool = True) -> int:
             lease._renew_at = sent + lease._ttl / 3.0
             lease._state = _HELD
         _watchdog.add(lease)
+        _send("acquired", lease.key, lease=lease, task=lease._task)
         return _RERUN
     if outcome == _NOT_OWNER:
         _lose(lease, "at release the key was gone or held by another owner")
@@ -1041,6 +1117,8 @@ def _release(lease: Lease, mode: str, warn: bool = True) -> int:
     else:
         log_release.debug("Released %r", lease.key)
     _settle(lease, _RELEASED_STATE)
+    if outcome != _NOT_OWNER:
+        _send("released", lease.key, lease=lease, task=lease._task, confirmed=True)
     return outcome
 
 
@@ -1064,10 +1142,12 @@ def _lose(lease: Lease, reason: str, from_watchdog: bool = False) -> None:
         lease._state = _LOST
     _watchdog.discard(lease)
     log_renew.warning("Lease on %r (fence %s) was lost: %s", lease.key, lease.fence, reason)
-    if lease._on_lost is None:
-        return
     if from_watchdog:
-        _callbacks.put(lease)
+        if lease._on_lost is not None or _signals is not None:
+            _callbacks.put((lease, reason))
+        return
+    _send("lost", lease.key, lease=lease, task=lease._task, reason=reason)
+    if lease._on_lost is None:
         return
     try:
         lease._on_lost(lease)
@@ -1291,13 +1371,13 @@ class _Callbacks:
     """Runs on_lost callbacks reported by the watchdog, on a thread of their own."""
 
     def __init__(self) -> None:
-        self._queue: list[Lease] = []
+        self._queue: list[tuple[Lease, str]] = []
         self._cond = threading.Condition(threading.Lock())
         self._running = False
 
-    def put(self, lease: Lease) -> None:
+    def put(self, item: tuple[Lease, str]) -> None:
         with self._cond:
-            self._queue.append(lease)
+            self._queue.append(item)
             if not self._running:
                 self._running = True
                 _start_thread(self._loop, "single_task-callbacks")
@@ -1309,7 +1389,8 @@ class _Callbacks:
                 with self._cond:
                     while not self._queue:
                         self._cond.wait()
-                    lease = self._queue.pop(0)
+                    lease, reason = self._queue.pop(0)
+                _send("lost", lease.key, lease=lease, task=lease._task, reason=reason)
                 try:
                     if lease._on_lost is not None:
                         lease._on_lost(lease)
@@ -1785,9 +1866,11 @@ def _run(
             policy = "raise"  # no broker to re-send through: the caller sees AlreadyRunning
         else:
             try:
-                lease = _acquire(spec, key, "raise", task, client)
+                lease = _acquire(spec, key, "retry", task, client)
             except AlreadyRunning as exc:
-                raise _busy_retry(spec, task, exc) from None
+                retry = _busy_retry(spec, task, exc)
+                _busy(key, "retry", "retry_sent", task, 0)
+                raise retry from None
     if policy != "retry":
         try:
             lease = _acquire(spec, key, policy, task, client)
