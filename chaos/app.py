@@ -1,8 +1,10 @@
 """The Celery app the chaos workers run: one task per policy, each over its own few keys.
 
-Every task is a thin wrapper around a plain function decorated with ``@single_run``, so the
-wrapper sees what the decorator did with the call (ran it, skipped it, coalesced it into a rerun,
-timed out waiting, failed closed) and writes it down. The record is one JSON line per event,
+Every task is decorated with ``@single_run`` itself, as the README shows it (a decorated helper
+function that a task calls is not the task: its lease records no Celery task id, so a redelivered
+message could not know the lease of its own killed attempt). The task class's ``__call__`` wraps
+the decorated ``run``, so it sees what the decorator did with the call (ran it, skipped it,
+coalesced it into a rerun, timed out waiting, failed closed) and writes it down. The record is one JSON line per event,
 appended with a single ``write()`` to a file of the process's own (``<pid>.jsonl`` in
 ``$CHAOS_RECORD_DIR``), so it survives SIGKILL and every fault the lock's Redis goes through.
 Times are ``time.monotonic()``: on Linux that is CLOCK_MONOTONIC, one clock for every process.
@@ -18,7 +20,7 @@ import json
 import os
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from celery import Celery
 
@@ -103,58 +105,61 @@ def _body(call_id: str, seconds: float) -> bool:
     return True
 
 
-def _locked(policy: str, prefix: str) -> Callable[[int, float, str], Optional[bool]]:
+def _options(policy: str) -> dict[str, Any]:
     options: dict[str, Any] = {"ttl": TTL, "on_busy": "rerun" if policy.startswith("rerun") else policy,
                                "on_lost": _on_lost}
     if policy == "wait":
         options["timeout"] = WAIT_TIMEOUT
-
-    def work(n: int, seconds: float, call_id: str) -> bool:
-        return _body(call_id, seconds)
-
-    work.__name__ = work.__qualname__ = f"work_{policy}"
-    return single_run(key=prefix + ":{n}", **options)(work)
+    return options
 
 
-_LOCKED = {policy: _locked(policy, prefix) for policy, (_, prefix, _) in POLICIES.items()}
+class Recorded(app.Task):  # type: ignore[name-defined,misc]
+    """Records each execution of the task (``call``) and what became of it (``ret``) around the
+    decorated ``run``. It calls ``run`` itself, not ``Task.__call__``, which would push a request
+    of its own (without the task id) in eager mode; the worker and ``apply()`` have pushed the
+    task and its request already."""
+
+    policy = ""
+
+    def __call__(self, n: int, seconds: float, call_id: str) -> str:
+        policy = self.policy
+        request = self.request
+        t0 = time.monotonic()
+        redelivered = bool((request.delivery_info or {}).get("redelivered"))
+        record(ev="call", id=call_id, task=request.id, policy=policy, key=f"{POLICIES[policy][1]}:{n}", t=t0,
+               redelivered=redelivered)
+        try:
+            ran = self.run(n, seconds, call_id)
+        except AlreadyRunning:
+            outcome = "wait_timeout"
+        except RedisUnavailable:
+            outcome = "unavailable"
+        except Exception as exc:  # recorded and re-raised: the checker counts them
+            record(ev="ret", id=call_id, t0=t0, t=time.monotonic(), outcome=f"error:{type(exc).__name__}",
+                   runs=_iterations.pop(call_id, 0), error=str(exc)[:300])
+            raise
+        else:
+            outcome = "ran" if ran else "coalesced" if policy.startswith("rerun") else "skipped"
+        record(ev="ret", id=call_id, t0=t0, t=time.monotonic(), outcome=outcome, runs=_iterations.pop(call_id, 0))
+        return outcome
 
 
-def _call(task: Any, policy: str, n: int, seconds: float, call_id: str) -> str:
-    """Run the decorated function once and record what became of the call."""
-    request = task.request
-    t0 = time.monotonic()
-    redelivered = bool((request.delivery_info or {}).get("redelivered"))
-    record(ev="call", id=call_id, task=request.id, policy=policy, key=f"{POLICIES[policy][1]}:{n}", t=t0,
-           redelivered=redelivered)
-    try:
-        ran = _LOCKED[policy](n, seconds, call_id)
-    except AlreadyRunning:
-        outcome = "wait_timeout"
-    except RedisUnavailable:
-        outcome = "unavailable"
-    except Exception as exc:  # recorded and re-raised: the checker counts them
-        record(ev="ret", id=call_id, t0=t0, t=time.monotonic(), outcome=f"error:{type(exc).__name__}",
-               runs=_iterations.pop(call_id, 0), error=str(exc)[:300])
-        raise
-    else:
-        outcome = "ran" if ran else "coalesced" if policy.startswith("rerun") else "skipped"
-    record(ev="ret", id=call_id, t0=t0, t=time.monotonic(), outcome=outcome, runs=_iterations.pop(call_id, 0))
-    return outcome
+@app.task(name="chaos.skip", bind=True, base=Recorded, policy="skip")
+@single_run(key="skip:{n}", **_options("skip"))
+def skip_task(self: Any, n: int, seconds: float, call_id: str) -> bool:
+    return _body(call_id, seconds)
 
 
-@app.task(name="chaos.skip", bind=True)
-def skip_task(self: Any, n: int, seconds: float, call_id: str) -> str:
-    return _call(self, "skip", n, seconds, call_id)
+@app.task(name="chaos.wait", bind=True, base=Recorded, policy="wait")
+@single_run(key="wait:{n}", **_options("wait"))
+def wait_task(self: Any, n: int, seconds: float, call_id: str) -> bool:
+    return _body(call_id, seconds)
 
 
-@app.task(name="chaos.wait", bind=True)
-def wait_task(self: Any, n: int, seconds: float, call_id: str) -> str:
-    return _call(self, "wait", n, seconds, call_id)
-
-
-@app.task(name="chaos.rerun", bind=True)
-def rerun_task(self: Any, n: int, seconds: float, call_id: str) -> str:
-    return _call(self, "rerun", n, seconds, call_id)
+@app.task(name="chaos.rerun", bind=True, base=Recorded, policy="rerun")
+@single_run(key="rerun:{n}", **_options("rerun"))
+def rerun_task(self: Any, n: int, seconds: float, call_id: str) -> bool:
+    return _body(call_id, seconds)
 
 
 # The configuration under which a rerun owed by a holder that is killed is still kept: the
@@ -163,6 +168,8 @@ def rerun_task(self: Any, n: int, seconds: float, call_id: str) -> str:
 # visibility timeout. The message comes back with the same task id, and single_run treats a
 # holder with the caller's own task id as the caller's previous attempt: it waits for that dead
 # lease to expire instead of coalescing into it, then runs.
-@app.task(name="chaos.rerun_durable", bind=True, acks_late=True, reject_on_worker_lost=True)
-def rerun_durable_task(self: Any, n: int, seconds: float, call_id: str) -> str:
-    return _call(self, "rerun_durable", n, seconds, call_id)
+@app.task(name="chaos.rerun_durable", bind=True, base=Recorded, policy="rerun_durable", acks_late=True,
+          reject_on_worker_lost=True)
+@single_run(key="durable:{n}", **_options("rerun_durable"))
+def rerun_durable_task(self: Any, n: int, seconds: float, call_id: str) -> bool:
+    return _body(call_id, seconds)

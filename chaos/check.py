@@ -41,6 +41,9 @@ class Run:
     # retake after a lost lease). Not a run of the body: only a holder a rerun request can go to.
     unrecorded: bool = False
     expires: Optional[float] = None  # when the driver saw a killed holder's lease run out, if it did
+    # The Celery task id in a killed holder's lease as the driver read it ("" when the lease
+    # recorded none: then its redelivered message cannot know that lease as its own attempt's).
+    lease_task: Optional[str] = None
 
     @property
     def stop(self) -> float:
@@ -279,6 +282,7 @@ def dead_holders(rec: Record, faults: list[dict[str, Any]]) -> list[Run]:
             run = killed_runs.get((pid, fence))
             if run is not None:
                 run.expires = expires
+                run.lease_task = lease.get("task") or ""
                 continue
             mine = [a for a in rec.attempts if a.pid == pid and a.t0 <= k and lease.get("task")
                     and a.task == lease["task"]]
@@ -290,7 +294,7 @@ def dead_holders(rec: Record, faults: list[dict[str, Any]]) -> list[Run]:
             since = max([attempt.t0 if attempt is not None else k, *(r.end for r in before if r.end is not None)])
             out.append(Run(key=lease["key"], fence=fence, pid=pid, call_id=call_id,
                            it=max((r.it + 1 for r in before), default=0), start=since, lease=True,
-                           killed_at=k, unrecorded=True, expires=expires))
+                           killed_at=k, unrecorded=True, expires=expires, lease_task=lease.get("task") or ""))
     return out
 
 
@@ -374,8 +378,12 @@ def rerun_requests(rec: Record, ttl: float, slack: float, policy: str,
             expiry = _alive_until(owner, ttl)
             if back is not None:
                 due = back.t0 + ttl + slack
+                what = f"returned {back.outcome} at {back.t1:.3f}" if back.t1 is not None else "was killed too"
                 how = (f"by {due:.3f}: its message came back at {back.t0:.3f} (pid {back.pid}, "
-                       f"{back.t0 - owner.killed_at:.2f}s after the kill), + ttl + {slack:g}s")
+                       f"{back.t0 - owner.killed_at:.2f}s after the kill; that attempt {what}), + ttl + {slack:g}s")
+                if back.outcome == "coalesced" and owner.lease_task == "":
+                    how += (" — the dead lease recorded no Celery task id, so the redelivered attempt could not "
+                            "know it as its own and coalesced into it")
             else:
                 due = expiry + slack
                 how = f"by {due:.3f}: its message never came back; its lease ran out by {expiry:.3f}, + {slack:g}s"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -229,6 +232,74 @@ def test_a_killed_pool_process_whose_message_waits_behind_a_backlog_is_judged_fr
     assert rerun_check(events(0.01), "rerun_durable", {10: KILL}, child).ok
     assert rerun_check(events(TTL), "rerun_durable", {10: KILL}, child).ok  # it waited out the dead lease
     assert not rerun_check(events(TTL + SLACK + 0.1), "rerun_durable", {10: KILL}, child).ok
+
+
+def test_a_redelivered_attempt_that_coalesced_into_a_lease_without_a_task_id_is_named_in_the_finding() -> None:
+    # A pool process killed inside its run at 10.0; its message comes back at once, but the dead
+    # lease recorded no Celery task id, so the redelivered attempt coalesced into it.
+    events = [*call("h", 10, "rerun_durable", "k", 9.0, None), start("k", 1, 10, 9.0, call="h"),
+              *call("c", 11, "rerun_durable", "k", 10.05, 10.06, "coalesced"),
+              *call("h", 12, "rerun_durable", "k", 10.2, 10.21, "coalesced", redelivered=True)]
+    lease = {"key": "k", "pid": 10, "fence": 1, "task": None, "rerun": True, "expires": 11.9, "after": True}
+    child = [{"kind": "child_kill", "t0": KILL, "t1": KILL, "at": KILL, "pids": [10], "dead_leases": [lease]}]
+    rec = check.build(events, {10: KILL})
+    _, problems = check.rerun_requests(rec, TTL, SLACK, "rerun_durable", child)
+    assert len(problems) == 2, problems
+    for problem in problems:
+        assert "that attempt returned coalesced at 10.210" in problem, problem
+        assert "the dead lease recorded no Celery task id" in problem, problem
+    # With the task id in the lease, the same finding says nothing of it.
+    child[0]["dead_leases"] = [{**lease, "task": "task-h"}]
+    _, problems = check.rerun_requests(check.build(events, {10: KILL}), TTL, SLACK, "rerun_durable", child)
+    assert problems and not any("recorded no Celery task id" in p for p in problems), problems
+
+
+CHAOS_TASK = """
+import sys
+from chaos import app
+n, seconds, call_id, task_id = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], sys.argv[4]
+print(app.rerun_durable_task.apply(args=(n, seconds, call_id), task_id=task_id).get())
+"""
+
+
+def test_a_durable_chaos_task_killed_mid_run_is_run_again_by_its_own_message(tmp_path: Path) -> None:
+    """The chaos app's tasks are decorated themselves, so their lease records the Celery task id,
+    and the same message coming back after its pool process was SIGKILLed waits for the dead lease
+    and runs, instead of coalescing into it (a decorated helper that the task called records no
+    task id, and its redelivered message was lost in the dead lease)."""
+    from support.redis_server import RedisServer
+
+    ttl = 1.0
+    with RedisServer() as server:
+        env = dict(os.environ, SINGLE_TASK_REDIS_URL=server.url, CHAOS_RECORD_DIR=str(tmp_path), CHAOS_TTL=str(ttl),
+                   PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+
+        def task(*args: object, timeout: float = 30) -> str:
+            proc = subprocess.run([sys.executable, "-c", CHAOS_TASK, *map(str, args)], cwd=ROOT, env=env,
+                                  stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            return proc.stdout.strip().splitlines()[-1]
+
+        holder = subprocess.Popen([sys.executable, "-c", CHAOS_TASK, "0", "30", "h", "task-h"], cwd=ROOT, env=env,
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            started = tmp_path / f"{holder.pid}.jsonl"
+            deadline = time.monotonic() + 30
+            while not (started.exists() and '"ev":"start"' in started.read_text()):
+                assert holder.poll() is None and time.monotonic() < deadline, "the holder never started its run"
+                time.sleep(0.05)
+            lease = server.client(decode_responses=True).hgetall("single_task:{durable:0}")
+            assert lease.get("i") == "task-h", lease
+        finally:
+            holder.send_signal(signal.SIGKILL)
+            holder.wait(10)
+        killed = time.monotonic()
+        assert task(0, 0.05, "c", "task-c") == "coalesced"  # into the dead lease: only h's message can serve it
+        assert task(0, 0.05, "h", "task-h") == "ran"  # h's message again, as reject_on_worker_lost gives it back
+        events = [json.loads(line) for f in tmp_path.glob("*.jsonl") for line in f.read_text().splitlines()]
+        again = [e for e in events if e["ev"] == "start" and e["id"] == "h" and e["t"] > killed]
+        assert len(again) == 1 and again[0]["lease"], events
+        assert again[0]["t"] <= killed + ttl + SLACK, (again, killed)
 
 
 def test_the_quick_chaos_run_passes(tmp_path: Path) -> None:
