@@ -77,16 +77,23 @@ def hold_with_single_task(env: Env, key: str) -> None:
     run, which single_task would rightly refuse as a self-deadlock.
     """
     entered, done = threading.Event(), threading.Event()
+    failed: list[BaseException] = []
 
     def hold() -> None:
-        with single_run(key=key, client=env.client()):
+        try:
+            with single_run(key=key, client=env.client()):
+                entered.set()
+                done.wait()
+        except BaseException as exc:  # reported by the thread that waits for this one, at once
+            failed.append(exc)
             entered.set()
-            done.wait()
 
     thread = threading.Thread(target=hold, name=f"bench-holder-{key}", daemon=True)
     thread.start()
     if not entered.wait(10):
         raise RuntimeError(f"holder of {key!r} did not start")
+    if failed:
+        raise RuntimeError(f"holder of {key!r} could not take it: {type(failed[0]).__name__}: {failed[0]}")
 
     def stop() -> None:
         done.set()
