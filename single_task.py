@@ -291,6 +291,8 @@ class single_run:  # noqa: N801 - used like a function: @single_run(...) and wit
                 "did you write @single_run without parentheses? Write @single_run()"
             )
         _check_decoratable(fn)
+        if not _markers_watched and "celery" in sys.modules:
+            _watch_queued_markers()  # see "queued markers die with their message"
         inner = getattr(fn, "__single_run__", None)
         if inner is not None and inner[0].key == self.key and inner[0].prefix == self.prefix:
             raise ConfigurationError(
@@ -2031,6 +2033,151 @@ def _spec_of(obj: Any) -> tuple[single_run, _KeyRenderer, Any]:
     return spec, renderer, bound
 
 
+# -- queued markers die with their message -------------------------------------------------------
+#
+# A send_once marker says "a message for this key is waiting"; its run gives it up when it starts.
+# A message that will never start must give it up too, or every send_once of its key returns a
+# dead message until queued_ttl. The worker knows, and tells through Celery's signals:
+# task_revoked (revoked, terminated, or expired: expired=True), task_rejected and task_unknown (a
+# message it could not run). The handlers are connected once per process, at the first
+# @single_run decoration in a process that has imported Celery -- under @app.task or @shared_task
+# it always has, since the decorator above is looked up first -- so a process without Celery never
+# imports it, and a worker has them before it takes its first message. Each finds the task's
+# single_run, renders the key from the message's arguments and removes the marker only while it
+# still names that message's task id (_CONFIRM with '0'): a newer message's marker is never
+# touched. They run in the worker's consumer, where Celery writes the revoked state to its result
+# backend the same way: one round trip each.
+#
+# Celery announces a revoked message only when it gets to it. For a message the worker holds for
+# its eta or countdown that is the eta, so those are swept every _SWEEP_S seconds against the
+# worker's revoked ids and their expiry, from the consumer's own timer.
+
+_SWEEP_S: Final = 0.5
+_MAX_HELD: Final = 10000  # eta messages tracked per worker; beyond that they wait for their eta
+_markers_watched: list[bool] = []  # non-empty once the handlers are connected in this process
+_markers_lock = threading.Lock()
+_eta_held: dict[str, Any] = {}  # task id -> the worker's Request of a decorated task held for its eta
+_sweeping: list[Any] = []  # the timer entry of the sweep, once started
+
+
+def _watch_queued_markers() -> None:
+    """Connect the marker handlers to Celery's signals, once per process (a fork keeps them)."""
+    with _markers_lock:
+        if _markers_watched:
+            return
+        _markers_watched.append(True)
+        try:
+            from celery import signals
+        except ImportError:
+            return
+        for signal, handler in ((signals.task_revoked, _on_task_revoked), (signals.task_rejected, _on_task_rejected),
+                                (signals.task_unknown, _on_task_unknown), (signals.task_received, _on_task_received)):
+            signal.connect(handler, weak=False, dispatch_uid=f"single_task.{handler.__name__}")
+
+
+def _on_task_revoked(sender: Any = None, request: Any = None, terminated: bool = False, expired: bool = False,
+                     **_: Any) -> None:
+    if request is not None:
+        why = "expired" if expired else "terminated" if terminated else "revoked"
+        _drop_marker(sender, getattr(request, "id", None), getattr(request, "args", None),
+                     getattr(request, "kwargs", None), why)
+
+
+def _on_task_rejected(sender: Any = None, message: Any = None, **_: Any) -> None:
+    headers = getattr(message, "headers", None) or {}
+    _drop_rejected(sender, message, headers.get("task"), headers.get("id"))
+
+
+def _on_task_unknown(sender: Any = None, message: Any = None, name: Any = None, id: Any = None,
+                     **_: Any) -> None:
+    _drop_rejected(sender, message, name, id)
+
+
+def _drop_rejected(consumer: Any, message: Any, name: Any, task_id: Any) -> None:
+    """A message the worker refused: its task (if this worker's app knows the name), its arguments
+    if the worker could decode them (content it accepts only), and its marker."""
+    try:
+        task = getattr(getattr(consumer, "app", None), "tasks", {}).get(name) if name else None
+        if task is None or not task_id:
+            return
+        args = kwargs = None
+        with contextlib.suppress(Exception):  # a body it refused (ContentDisallowed) stays unread
+            body = message.decode()
+            if isinstance(body, (list, tuple)) and len(body) == 3:  # protocol 2: args, kwargs, embed
+                args, kwargs = body[0], body[1]
+            elif isinstance(body, dict):  # protocol 1
+                args, kwargs = body.get("args"), body.get("kwargs")
+    except Exception:
+        log_release.exception("Could not look at a rejected message %s of %r", task_id, name)
+        return
+    _drop_marker(task, task_id, args, kwargs, "rejected")
+
+
+def _on_task_received(sender: Any = None, request: Any = None, **_: Any) -> None:
+    # Every message a worker accepts passes here: the common case returns at the first test.
+    try:
+        if getattr(request, "eta", None) is None:
+            return
+        if getattr(getattr(request.task, "run", None), "__single_run__", None) is None or len(_eta_held) >= _MAX_HELD:
+            return
+        _eta_held[request.id] = request
+        if not _sweeping:
+            _sweeping.append(sender.timer.call_repeatedly(_SWEEP_S, _sweep_held))
+    except Exception:
+        log_release.exception("Could not track the eta message %s", getattr(request, "id", "?"))
+
+
+def _sweep_held() -> None:
+    """Release the markers of held eta messages that were revoked or expired since they came."""
+    try:
+        from celery.worker import state
+
+        now = datetime.datetime.now(datetime.timezone.utc)
+        for task_id, request in list(_eta_held.items()):
+            expires = request.expires
+            revoked = task_id in state.revoked
+            if revoked or (expires is not None and expires < now):
+                _eta_held.pop(task_id, None)
+                _drop_marker(request.task, task_id, request.args, request.kwargs, "revoked" if revoked else "expired")
+            elif request.eta <= now:
+                _eta_held.pop(task_id, None)  # due: Celery checks it from here on, and tells task_revoked
+    except Exception:
+        log_release.exception("The sweep of held eta messages failed")
+
+
+def _drop_marker(task: Any, task_id: Any, args: Any, kwargs: Any, why: str) -> None:
+    """Remove the queued marker of ``task_id``'s key if it still names ``task_id``; log, never raise.
+
+    ``args`` None means the arguments are unknown (a body the worker refused): then only a key
+    that needs none of them can be found.
+    """
+    if not task_id or getattr(getattr(task, "run", None), "__single_run__", None) is None:
+        return
+    key = "?"
+    try:
+        spec, renderer, bound = _spec_of(task)
+        call_args = tuple(args or ())
+        call_kwargs = dict(kwargs or {})
+        try:
+            key = renderer.render((bound, *call_args) if bound is not None else call_args, call_kwargs,
+                                  partial=args is None)
+        except TypeError:
+            if args is not None:
+                raise
+            log_release.info("Cannot tell the key of %s message %s without its arguments; its queued marker "
+                             "expires by queued_ttl", why, task_id)
+            return
+        _check_key(key)
+        marker = _lease_key(spec.prefix, key) + ":queued"
+        removed = _call(_client_of(spec, task), _CONFIRM, marker, str(task_id), 0, "0")
+    except Exception:
+        log_release.warning("Could not release the queued marker of %r for %s message %s", key, why, task_id,
+                            exc_info=True)
+        return
+    if removed:
+        log_release.info("Released the queued marker of %r: its message %s was %s", key, task_id, why)
+
+
 # ------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------
@@ -2048,8 +2195,9 @@ broker_url or result_backend of the Celery app given with -A (as for `celery -A`
 
 _CLI_EPILOG: Final = """\
 exit codes:
-  0  success: listed; KEY is held (show); released (release); KEY is free (wait)
-  1  the negative answer: KEY is not held (show, release); still held at --timeout (wait)
+  0  success: listed; KEY is held (show); released (release, release --queued); KEY is free (wait)
+  1  the negative answer: KEY is not held (show, release); KEY has no queued marker (release
+     --queued); still held at --timeout (wait)
   2  usage or configuration error, Redis unreachable, or release without --force
 
 examples:
@@ -2057,6 +2205,7 @@ examples:
   python -m single_task -A proj.celery list 'sync:*' --json
   python -m single_task show sync:42
   python -m single_task release sync:42 --force
+  python -m single_task release sync:42 --queued --force
   python -m single_task wait nightly-report --timeout 600 && ./publish.sh
 """
 
@@ -2140,9 +2289,14 @@ def _cli_parser() -> Any:
     sub = command("release", _cli_release, "Delete the lease of KEY (needs --force); print what was removed.",
                   "The holder is not stopped: its next renewal finds the lease gone and reports it lost\n"
                   "(lease.lost, on_lost). A rerun it owed is dropped; the first waiting run is handed the\n"
-                  "key at once. Without --force it only shows the holder and exits 2.")
+                  "key at once. Without --force it only shows the holder and exits 2.\n\n"
+                  "With --queued it removes KEY's send_once marker instead (the lease is left alone), for\n"
+                  "a message that will never run (a purged queue): the next send_once then publishes. A\n"
+                  "message still in the broker runs all the same. Without --force it only shows the\n"
+                  "marker's task id and exits 2.")
     sub.add_argument("key", metavar="KEY", help="the key as passed to single_run (what `list` prints)")
-    sub.add_argument("--force", action="store_true", help="really delete the lease")
+    sub.add_argument("--force", action="store_true", help="really delete the lease (or the marker)")
+    sub.add_argument("--queued", action="store_true", help="release KEY's queued marker, not its lease")
 
     sub = command("wait", _cli_wait, "Block until nobody holds KEY (exit 0), for shell scripts.",
                   "Polls the lease every --interval seconds. A key handed straight from one run to a\n"
@@ -2208,15 +2362,16 @@ def _cli_list(client: Any, prefix: str, args: Any) -> int:
     if not rows:
         print(f"no leases or queued markers under prefix {prefix!r} match {args.pattern!r} ({took:.2f}s)")
         return _EXIT_OK
-    table = [("KEY", "KIND", "HOLDER", "TASK ID", "HELD SINCE (UTC)", "LEFT", "FENCE", "NOTE")]
+    table = [("KEY", "KIND", "HOLDER", "TASK ID", "SINCE (UTC)", "LEFT", "FENCE", "NOTE")]
     for row in rows:
         if row["kind"] == "lease":
             where = f"{row['host']}:{row['pid']}" if row["host"] else "?"
             table.append((_printable(row["key"]), "lease", where, row["task_id"] or "-",
                           _utc(row["held_since_ms"]), _seconds(row["time_left_s"]), str(row["fence"]), _note(row)))
         else:
-            table.append((_printable(row["key"]), "queued", "-", row["task_id"] or _printable(row["value"]), "-",
-                          _seconds(row["time_left_s"]), "-", ""))
+            note = f"age {_seconds(row['age_s'])}" + (", being published" if row["provisional"] else "")
+            table.append((_printable(row["key"]), "queued", "-", _printable(row["task_id"] or row["value"]),
+                          _utc(row["marked_at_ms"]), _seconds(row["time_left_s"]), "-", note))
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     for line in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
@@ -2247,7 +2402,7 @@ def _cli_show(client: Any, prefix: str, args: Any) -> int:
             print(f"rerun owed: {'yes' if lease['rerun_owed'] else 'no'}")
             print(f"waiting:    {lease['waiters']} run(s) queued for a hand-off")
         if queued:
-            print(f"queued:     {_printable(queued[0]['value'])} ({_seconds(queued[0]['time_left_s'])} left)")
+            print(f"queued:     {_marker_text(queued[0])}")
         else:
             print("queued:     none")
         print(f"last fence: {int(last_fence) if last_fence else '-'}")
@@ -2255,6 +2410,8 @@ def _cli_show(client: Any, prefix: str, args: Any) -> int:
 
 
 def _cli_release(client: Any, prefix: str, args: Any) -> int:
+    if args.queued:
+        return _cli_release_queued(client, prefix, args)
     rows = _describe(client, prefix, [("lease", args.key)])
     if not rows:
         print(f"{_printable(args.key)} is not held: nothing to release")
@@ -2274,6 +2431,39 @@ def _cli_release(client: Any, prefix: str, args: Any) -> int:
     row = _lease_row(args.key, removed, -2, 0, None)
     print(f"released {_printable(args.key)}: removed the lease held by {_holder_text(row)}")
     return _EXIT_OK
+
+
+def _cli_release_queued(client: Any, prefix: str, args: Any) -> int:
+    """``release KEY --queued``: remove the marker only while it names the task id just read (the
+    script send_once uses after a failed publish), so what is printed is exactly what was removed;
+    a marker replaced in between is read again."""
+    marker = _lease_key(prefix, args.key) + ":queued"
+    for _ in range(3):
+        rows = _describe(client, prefix, [("queued", args.key)])
+        if not rows:
+            print(f"{_printable(args.key)} has no queued marker: nothing to release")
+            return _EXIT_NO
+        if not args.force:
+            print(f"{_printable(args.key)} is queued: {_marker_text(rows[0])}")
+            print("single_task: not released: its message may still be waiting in the broker; pass --force to "
+                  "remove the marker", file=sys.stderr)
+            return _EXIT_ERROR
+        if int(_call(client, _CONFIRM, marker, rows[0]["task_id"], 0, "0")) == 1:
+            print(f"released {_printable(args.key)}: removed the queued marker of {_marker_text(rows[0])}")
+            return _EXIT_OK
+    raise _CliError(f"the queued marker of {args.key!r} kept changing while it was released; try again")
+
+
+def _marker_text(row: dict[str, Any]) -> str:
+    """A queued marker in words: its task id, age, whether it is still being published, time left."""
+    parts = [f"task {_printable(row['task_id'])}"]
+    if row["age_s"] is not None:
+        parts.append(f"marked {_seconds(row['age_s'])} ago")
+    if row["provisional"]:
+        parts.append("being published")
+    if row["time_left_s"] is not None:
+        parts.append(f"{_seconds(row['time_left_s'])} left")
+    return ", ".join(parts)
 
 
 def _cli_wait(client: Any, prefix: str, args: Any) -> int:
@@ -2385,7 +2575,7 @@ def _queued_row(key: str, value: Any, pttl: Any, now_ms: Optional[int]) -> dict[
     since = int(marked) if marked else None
     pttl = int(pttl) if isinstance(pttl, int) else -2
     return {"key": key, "kind": "queued", "task_id": task_id, "value": text, "provisional": provisional,
-            "marked_at": None if since is None else _iso(since),
+            "marked_at": None if since is None else _iso(since), "marked_at_ms": since,
             "age_s": None if since is None or now_ms is None else max(0.0, (now_ms - since) / 1000.0),
             "time_left_s": pttl / 1000.0 if pttl >= 0 else None}
 

@@ -188,3 +188,19 @@ def helper(a: int, b: str) -> str:
 @app.task
 def calls_helper(n: int) -> str:
     return helper(n, "x")
+
+
+@app.task
+@single_run(key="doomed:{n}", ttl=10)
+def doomed(n: int) -> str:
+    """For messages that are revoked, expire or are rejected: records every run that happens."""
+    _record.rpush(f"rec:doomed:{n}", "ran")
+    return "ran"
+
+
+@app.task
+@single_run(key="doomed-const", ttl=10)
+def doomed_const() -> str:
+    """A key without arguments: found even for a message whose body the worker refused to read."""
+    _record.rpush("rec:doomed-const", "ran")
+    return "ran"

@@ -192,11 +192,58 @@ def test_wait_exits_0_when_the_key_is_freed_and_1_on_timeout(capsys: Any, redis_
     assert code == 0 and out.startswith("busy2 is free") and 0.3 < time.monotonic() - started < 3
 
 
+def _markers(r: redis.Redis) -> None:
+    """A confirmed marker marked 5 s ago and one still being published, by the server's clock."""
+    seconds, micros = r.time()
+    now_ms = seconds * 1000 + micros // 1000
+    r.set("single_task:{sent}:queued", f"0f1e2d3c-sent|{now_ms - 5000}", px=60000)
+    r.set("single_task:{publishing}:queued", f"p:9a8b7c6d-publishing|{now_ms}", px=5000)
+
+
+def test_list_and_show_give_each_markers_task_id_and_age(capsys: Any, redis_url: str, r: redis.Redis) -> None:
+    _markers(r)
+    code, out, _ = cli(capsys, "--url", redis_url, "list")
+    assert code == 0
+    sent = next(line for line in out.splitlines() if line.startswith("sent "))
+    assert sent.split()[:4] == ["sent", "queued", "-", "0f1e2d3c-sent"] and "age 5." in sent
+    assert "being published" not in sent
+    publishing = next(line for line in out.splitlines() if line.startswith("publishing "))
+    assert "9a8b7c6d-publishing" in publishing and "being published" in publishing
+    rows = {row["key"]: row for row in json.loads(cli(capsys, "--url", redis_url, "list", "--json")[1])}
+    assert rows["sent"]["task_id"] == "0f1e2d3c-sent" and 5 <= rows["sent"]["age_s"] < 7
+    assert rows["sent"]["provisional"] is False and rows["publishing"]["provisional"] is True
+    code, out, _ = cli(capsys, "--url", redis_url, "show", "sent")
+    assert code == 1  # no lease
+    assert "queued:     task 0f1e2d3c-sent, marked 5." in out and "s ago, " in out
+    code, out, _ = cli(capsys, "--url", redis_url, "show", "publishing")
+    assert "queued:     task 9a8b7c6d-publishing, marked 0." in out and "being published" in out
+
+
+def test_release_queued_refuses_without_force_and_says_what_it_removed_with_it(
+        capsys: Any, redis_url: str, r: redis.Redis) -> None:
+    _markers(r)
+    with single_run(key="sent", client=redis_url) as lease:  # a lease on the same key is left alone
+        code, out, err = cli(capsys, "--url", redis_url, "release", "sent", "--queued")
+        assert code == 2 and "--force" in err and "0f1e2d3c-sent" in out and "marked 5." in out
+        assert r.exists("single_task:{sent}:queued")
+        code, out, err = cli(capsys, "--url", redis_url, "release", "sent", "--queued", "--force")
+        assert code == 0 and err == ""
+        assert out.startswith("released sent: removed the queued marker of task 0f1e2d3c-sent, marked 5.")
+        assert not r.exists("single_task:{sent}:queued") and r.exists("single_task:{sent}")
+        assert not lease.lost
+    code, out, _ = cli(capsys, "--url", redis_url, "release", "sent", "--queued", "--force")
+    assert code == 1 and out.startswith("sent has no queued marker")
+    code, out, _ = cli(capsys, "--url", redis_url, "release", "publishing", "--queued", "--force")
+    assert code == 0 and "task 9a8b7c6d-publishing" in out and "being published" in out
+
+
 def test_help_explains_the_commands_and_exit_codes() -> None:
     result = cli_process("--help")
     assert result.returncode == 0
-    for word in ("list", "show", "release", "wait", "--url", "SINGLE_TASK_REDIS_URL", "exit codes", "--force"):
+    for word in ("list", "show", "release", "wait", "--url", "SINGLE_TASK_REDIS_URL", "exit codes", "--force",
+                 "--queued"):
         assert word in result.stdout
+    assert "--queued" in cli_process("release", "--help").stdout
     assert cli_process().returncode == 2  # no command: the help, and a usage error
 
 
