@@ -233,6 +233,36 @@ def check_leases(runs: list[Run]) -> Check:
     return Check("no run without a lease (fail closed)", not bad, detail)
 
 
+def check_single_delivery(rec: Record, policy: str = "rerun_durable") -> Check:
+    """No acks_late message was delivered again while an earlier delivery of it still ran.
+
+    The broker gives an unacknowledged message out again once its visibility timeout has run out,
+    counted from its delivery, whether or not the task is still running. The first delivery then
+    acknowledges the message when it returns, and if the second is killed afterwards there is
+    nothing left to give back: the requests it owed are lost. That is the broker's configuration
+    (the visibility timeout must exceed the longest time a task holds its message), not
+    single_task, so it is a check of its own, and the finding that it causes says so."""
+    holds = [a.t1 - a.t0 for a in rec.attempts if a.policy == policy and a.t1 is not None]
+    twice = []
+    by_call: dict[str, list[Attempt]] = {}
+    for a in rec.attempts:
+        if a.policy == policy:
+            by_call.setdefault(a.call_id, []).append(a)
+    for attempts in by_call.values():
+        for b in attempts:
+            if not b.redelivered:
+                continue
+            for a in attempts:
+                if a is not b and a.t0 < b.t0 and a.t1 is not None and a.t1 > b.t0:
+                    twice.append(f"call {b.call_id} (task {b.task}): delivered again at {b.t0:.3f} to pid {b.pid} "
+                                 f"while its delivery to pid {a.pid} still ran ({a.t0:.3f} to {a.t1:.3f}, "
+                                 f"{a.t1 - a.t0:.1f}s)")
+    longest = f"the longest call of an acks_late task took {max(holds):.1f}s" if holds else "no acks_late call returned"
+    detail = (f"{longest}; no message was delivered again while it ran" if not twice else
+              f"{len(twice)} message(s) delivered again while they ran: " + "; ".join(twice))
+    return Check("no acks_late message delivered twice while it ran (visibility timeout)", not twice, detail)
+
+
 def check_stuck(faults: list[dict[str, Any]], final_free_s: Optional[float], ttl: float, slack: float) -> Check:
     limit = ttl + slack
     problems = []
@@ -387,6 +417,12 @@ def rerun_requests(rec: Record, ttl: float, slack: float, policy: str,
             else:
                 due = expiry + slack
                 how = f"by {due:.3f}: its message never came back; its lease ran out by {expiry:.3f}, + {slack:g}s"
+                acked = [b for b in rec.attempts if b.call_id == owner.call_id and b.pid != owner.pid
+                         and b.t1 is not None and b.t1 <= owner.killed_at]
+                if owner.call_id and acked:
+                    first = min(acked, key=lambda b: b.t1 or 0.0)
+                    how += (f" — the message had been acknowledged at {first.t1:.3f} by its other delivery (pid "
+                            f"{first.pid}, from {first.t0:.3f}), so the broker had nothing to give back")
         elif owner.lost:
             # The holder learns at release that its lease is gone (a release may wait out a Redis
             # pause or restart); its call then takes the key and runs again (its next iteration),
@@ -497,7 +533,8 @@ def judge(rec: Record, sent: list[dict[str, Any]], faults: list[dict[str, Any]],
                                 "rerun keeps its promise, killed holders too (acks_late + reject_on_worker_lost)",
                                 False, faults)
     problems += p
-    checks = [overlap, check_leases(rec.runs), check_stuck(faults, final_free_s, ttl, slack), plain, durable]
+    checks = [overlap, check_leases(rec.runs), check_stuck(faults, final_free_s, ttl, slack), plain, durable,
+              check_single_delivery(rec)]
 
     outcomes: dict[str, int] = {}
     for a in rec.attempts:

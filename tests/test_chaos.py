@@ -254,6 +254,63 @@ def test_a_redelivered_attempt_that_coalesced_into_a_lease_without_a_task_id_is_
     assert problems and not any("recorded no Celery task id" in p for p in problems), problems
 
 
+def double_delivery(killed_second: bool) -> list[dict[str, Any]]:
+    # Call "h" is delivered to pid 10 at 0.0 and holds its message with reruns until 65.0; the
+    # broker gives it out again at 61.0 (its visibility timeout ran out) to pid 12, which runs it;
+    # pid 10 returns at 65.0 and acknowledges the message. If pid 12 is then killed at 70.0 inside a
+    # run, a request coalesced into its lease at 70.5 has no message to come back for it.
+    events = [*call("h", 10, "rerun_durable", "k", 0.0, 65.0, "ran"), start("k", 1, 10, 0.0, call="h"),
+              end("k", 1, 10, 61.0, call="h", lost=True),
+              *call("h", 12, "rerun_durable", "k", 61.0, None if killed_second else 66.0, "ran", redelivered=True),
+              start("k", 2, 12, 61.0, call="h")]
+    if killed_second:
+        events += [*call("c", 11, "rerun_durable", "k", 70.5, 70.51, "coalesced")]
+    else:
+        events += [end("k", 2, 12, 66.0, call="h")]
+    return events
+
+
+def test_a_message_delivered_again_while_it_ran_fails_its_own_check_and_the_finding_says_why() -> None:
+    rec = check.build(double_delivery(killed_second=True), {12: 70.0})
+    single = check.check_single_delivery(rec)
+    assert not single.ok
+    assert "call h (task task-h): delivered again at 61.000 to pid 12 while its delivery to pid 10 still ran" \
+        in single.detail, single.detail
+    child = [{"kind": "child_kill", "t0": 70.0, "t1": 70.0, "at": 70.0, "pids": [12]}]
+    _, problems = check.rerun_requests(rec, TTL, SLACK, "rerun_durable", child)
+    assert len(problems) == 1, problems
+    assert "its message never came back" in problems[0], problems[0]
+    assert "acknowledged at 65.000 by its other delivery (pid 10, from 0.000)" in problems[0], problems[0]
+
+
+def test_a_message_delivered_once_at_a_time_passes_the_delivery_check() -> None:
+    # Killed at 10.0 and delivered again at 12.0: the first delivery never returned, so no overlap.
+    events = [*call("h", 10, "rerun_durable", "k", 9.0, None), start("k", 1, 10, 9.0, call="h"),
+              *call("h", 12, "rerun_durable", "k", 12.0, 12.5, "ran", redelivered=True),
+              start("k", 2, 12, 12.0, call="h"), end("k", 2, 12, 12.5, call="h")]
+    single = check.check_single_delivery(check.build(events, {10: 10.0}))
+    assert single.ok and "the longest call of an acks_late task took 0.5s" in single.detail, single.detail
+
+
+def test_the_durable_flood_rests_between_busy_spells_so_no_chain_outlasts_the_visibility_timeout() -> None:
+    import random
+
+    from chaos import run
+
+    for seed in (1, 146449190, 23414438):
+        plan = run.plan_flood(random.Random(seed), run.MODES["long"].flood_s)
+        for n in range(2):
+            times = [s["t"] for s in plan if s["key"] == f"durable:{n}"]
+            spell = times[0]
+            for before, after in zip(times, times[1:]):
+                if after - before >= run.DURABLE_REST_S:
+                    spell = after
+                else:
+                    assert after - spell <= run.DURABLE_BUSY_S + 2.0, (seed, n, spell, after)
+        assert run.DURABLE_REST_S > 2 * 2.75 * run.TTL + run.PAUSE_S + run.TTL
+        assert 2.75 * run.TTL + run.DURABLE_BUSY_S + 2.0 + run.DURABLE_REST_S < run.VISIBILITY_TIMEOUT
+
+
 CHAOS_TASK = """
 import sys
 from chaos import app
