@@ -37,7 +37,9 @@ import string
 import sys
 import threading
 import time
+import types
 import uuid
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, Final, Literal, Optional, TypeVar, Union, cast
 
 import redis
@@ -124,13 +126,16 @@ class Lease:
     __slots__ = (
         "_client",
         "_context",
+        "_cooling",
         "_deadline",
+        "_every_ms",
         "_next_token",
         "_on_lost",
         "_parent",
         "_pid",
         "_renew_at",
         "_renewing",
+        "_rerun_args",
         "_state",
         "_task",
         "_token",
@@ -173,6 +178,9 @@ class Lease:
         self._next_token = ""  # the token a rerun takes over under, once a release asked for one
         self._pid = os.getpid()  # leases belong to the process that took them
         self._task: Any = None  # the Celery task of the run, for signals
+        self._every_ms = 0  # min_interval of its single_run, in ms
+        self._rerun_args: Optional[str] = None  # JSON arguments of the newest rerun request
+        self._cooling = 0.0  # seconds until an owed rerun may start
         self._on_lost = on_lost
         self._parent: Optional[Lease] = None
         self._context: Optional[contextvars.Token[Optional[Lease]]] = None
@@ -235,6 +243,8 @@ class single_run:  # noqa: N801 - used like a function: @single_run(...) and wit
         queued_ttl: Optional[float] = None,
         replicas: int = 0,
         replica_timeout: float = 1.0,
+        rerun_with: Literal["holder", "latest"] = "holder",
+        min_interval: Optional[float] = None,
     ) -> None:
         self.ttl = _check_seconds("ttl", ttl, minimum=0.01)
         self._ttl_ms = int(self.ttl * 1000)
@@ -252,6 +262,15 @@ class single_run:  # noqa: N801 - used like a function: @single_run(...) and wit
             timeout = _check_seconds("timeout", timeout, minimum=0.0)
         self.timeout = timeout
         self.retry_countdown = _check_seconds("retry_countdown", retry_countdown, minimum=0.0)
+        if rerun_with not in ("holder", "latest"):
+            raise ConfigurationError(f"rerun_with={rerun_with!r} must be 'holder' or 'latest'")
+        if rerun_with == "latest" and on_busy != "rerun":
+            raise ConfigurationError(
+                f"rerun_with='latest' chooses the arguments of a rerun and needs on_busy='rerun' (not {on_busy!r})"
+            )
+        self.rerun_with = rerun_with
+        self.min_interval = None if min_interval is None else _check_seconds("min_interval", min_interval, 0.001)
+        self._every_ms = 0 if self.min_interval is None else max(1, int(self.min_interval * 1000))
         self.queued_ttl = None if queued_ttl is None else _check_seconds("queued_ttl", queued_ttl, minimum=0.01)
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
             raise ConfigurationError(f"replicas={replicas!r} must be a whole number of replicas >= 0")
@@ -267,12 +286,8 @@ class single_run:  # noqa: N801 - used like a function: @single_run(...) and wit
             raise ConfigurationError(f"key must be a str template or a callable, not {type(key).__name__}")
         if isinstance(key, str) and not key:
             raise ConfigurationError("key must not be empty")
-        self._literal: Optional[str] = None  # the key of a with block, braces undoubled
-        if isinstance(key, str):
-            _template_fields(key, "key")  # a malformed template is refused here, with the rule
-            if not _template_fields(key, "key"):
-                self._literal = key.format()
-                _check_key(self._literal)
+        # The key of a with block, braces undoubled; a malformed template is refused here, with the rule.
+        self._literal: Optional[str] = _literal_key(key) if isinstance(key, str) else None
         self.key = key
         self._resolved_client: Any = None
         # The leases this object's with blocks hold, so that __exit__ finds its own whatever
@@ -409,7 +424,8 @@ def is_running(task_or_function: Any, *args: Any, **kwargs: Any) -> bool:
         raise RedisUnavailable(f"could not ask Redis whether {key!r} is running: {exc}", key) from exc
 
 
-def send_once(task: Any, args: Any = None, kwargs: Optional[dict[str, Any]] = None, **options: Any) -> Any:
+def send_once(task: Any, args: Any = None, kwargs: Optional[dict[str, Any]] = None, *,
+              debounce: Optional[float] = None, max_wait: Optional[float] = None, **options: Any) -> Any:
     """``task.apply_async(args, kwargs, **options)``, unless a message for the same key is already
     waiting in the queue: then return that message's ``AsyncResult`` and send nothing.
 
@@ -417,6 +433,10 @@ def send_once(task: Any, args: Any = None, kwargs: Optional[dict[str, Any]] = No
     taken before publishing (provisionally, for a few seconds), confirmed once the message is
     published, and given up when the run starts, so at most one message per key waits while
     another runs; if publishing fails the marker is removed and the error propagates.
+
+    With ``debounce=seconds``, the calls of a burst make one run, ``debounce`` seconds after the
+    last of them (but at most ``max_wait`` seconds after the first), with the newest call's
+    arguments (kept in Redis as JSON); every call of the burst returns the same ``AsyncResult``.
     """
     if not hasattr(task, "apply_async"):
         raise ConfigurationError(f"send_once needs the Celery task, not {task!r}")
@@ -426,6 +446,8 @@ def send_once(task: Any, args: Any = None, kwargs: Optional[dict[str, Any]] = No
     key = renderer.render((bound_task, *call_args) if bound_task is not None else call_args, call_kwargs)
     _check_key(key)
     client = _client_of(spec, task)
+    if debounce is not None or max_wait is not None:
+        return _send_debounced(task, spec, key, client, call_args, call_kwargs, debounce, max_wait, options)
     marker = _lease_key(spec.prefix, key) + ":queued"
     # After a check that failed (a timeout: it may still have run), the next call from this
     # process uses the same task id, so that a marker the failed check left counts as its own.
@@ -603,7 +625,9 @@ end
 # Shared Lua: hand the free key to the first waiter still alive, provisionally: the lease lasts
 # _HANDOFF_MS until the waiter confirms it (a waiter killed while blocked keeps it no longer).
 _LUA_HAND_OFF: Final = r"""
-local function hand_off(lease, tomb)
+local function hand_off(lease, tomb, ms)
+  -- A key inside its minimum interval is not handed on: its waiters poll until the interval ends.
+  if redis.call('EXISTS', lease .. ':last') == 1 then return end
   local queue, winfo = lease .. ':q', lease .. ':w'
   while true do
     local w = redis.call('LPOP', queue)
@@ -614,7 +638,7 @@ local function hand_off(lease, tomb)
       local alive, ttl, tid, holder = string.match(info, '^(%d+)|(%d+)|([^|]*)|(.*)$')
       local t = redis.call('TIME')
       if alive and tonumber(alive) >= tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) then
-        local f = take(lease, w, math.min(tonumber(ttl), tonumber(ARGV[#ARGV])), tid, holder, tomb)
+        local f = take(lease, w, math.min(tonumber(ttl), tonumber(ms)), tid, holder, tomb)
         unqueue(lease, tid)
         local hk = lease .. ':h:' .. w
         redis.call('RPUSH', hk, f)
@@ -627,19 +651,34 @@ end
 """
 
 # Take the lease if it is free, and give up this task's queued marker. If it is busy: report its
-# PTTL, and as asked (ARGV[5]) flag a rerun ('r') or join the wait queue ('w'). A caller whose
-# token already holds it (a retried acquire, a waiter handed the key) confirms it for a full ttl.
+# PTTL, and as asked (ARGV[5]) flag a rerun ('r', with the caller's arguments ARGV[7] when they
+# are to win) or join the wait queue ('w'). With a minimum interval (ARGV[8] ms), a free key whose
+# last run started less than that ago is refused too, with the time left ({0, left, 0, 1}), and
+# a run that takes it marks its start for that long. A caller whose token already holds it (a
+# retried acquire, a waiter handed the key) confirms it for a full ttl.
 # A holder with the caller's Celery task id is the caller's own previous attempt, releasing after
 # self.retry(): the caller always waits (and under 'rerun' also asks for a rerun: the holder may
 # be the same message, delivered again).
-# ARGV: token, ttl ms, task id, holder, busy code, waiter lifetime ms. Returns {1, fence} or
-# {0, pttl, own}.
+# ARGV: token, ttl ms, task id, holder, busy code, waiter lifetime ms, arguments, interval ms.
+# Returns {1, fence} or {0, pttl, own, throttled}.
 _ACQUIRE: Final = _LUA_TAKE + r"""
 local lease, token, ttl, tid, busy = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[5]
 local cur = redis.call('HMGET', lease, 't', 'i', 'f')
 if not cur[1] then
+  local every = tonumber(ARGV[8] or '0')
+  if every > 0 then
+    local left = redis.call('PTTL', lease .. ':last')
+    if left > 0 then
+      if busy ~= 'w' then unqueue(lease, tid) end
+      return {0, left, 0, 1}
+    end
+  end
   local f = take(lease, token, ttl, tid, ARGV[4])
   unqueue(lease, tid)
+  if every > 0 then
+    redis.call('SET', lease .. ':last', f, 'PX', every)
+    if tid ~= '' and redis.call('GET', lease .. ':trail') == tid then redis.call('DEL', lease .. ':trail') end
+  end
   if busy == 'w' then
     redis.call('LREM', lease .. ':q', 0, token)
     redis.call('HDEL', lease .. ':w', token)
@@ -654,13 +693,17 @@ end
 local own = 0
 if tid ~= '' and cur[2] == tid then
   own = 1
-  if busy == 'r' then redis.call('HSET', lease, 'r', '1') end
+  if busy == 'r' then
+    redis.call('HSET', lease, 'r', '1')
+    if ARGV[7] and ARGV[7] ~= '' then redis.call('HSET', lease, 'a', ARGV[7]) end
+  end
   busy = 'w'
 end
 local pttl = redis.call('PTTL', lease)
 if busy ~= 'w' then unqueue(lease, tid) end
 if busy == 'r' then
   redis.call('HSET', lease, 'r', '1')
+  if ARGV[7] and ARGV[7] ~= '' then redis.call('HSET', lease, 'a', ARGV[7]) end
 elseif busy == 'w' then
   local queue, winfo = lease .. ':q', lease .. ':w'
   local keep = 2 * tonumber(ARGV[6])
@@ -672,7 +715,7 @@ elseif busy == 'w' then
   if new == 1 then redis.call('RPUSH', queue, token) end
   if qttl < keep then expire(queue, keep) end
 end
-return {0, pttl, own}
+return {0, pttl, own, 0}
 """
 
 # Replace the TTL, only while the caller owns the lease. ARGV: token, ttl ms. Returns 1 or 0.
@@ -685,32 +728,40 @@ return 0
 """
 
 # Give the lease back, only by its owner. With ARGV[4] = 'e' and a rerun owed, the lease is taken
-# again at once under the new token ARGV[2], with a new fence (a rerun is a new acquisition).
-# Otherwise it is deleted, the fence key remembers this token, and the first live waiter is handed
-# the key. A release that a client retried after its first attempt got through finds the new token
-# (a rerun) or its own token remembered, and answers as the first attempt did.
-# ARGV: token, next token, ttl ms, mode, hand-off ms. Returns {0} not owner, {1} released,
-# {2, fence} run again, {3} released although a rerun was owed (mode 'a').
+# again at once under the new token ARGV[2], with a new fence (a rerun is a new acquisition) --
+# unless a minimum interval (ARGV[5] ms) since the last start has not passed: then nothing changes
+# and the time left is returned. Mode 't' (the owed rerun was sent as a task) releases as 'e' would
+# without one. Otherwise the lease is deleted, the fence key remembers this token, and the first
+# live waiter is handed the key. A release that a client retried after its first attempt got
+# through finds the new token (a rerun) or its own token remembered, and answers as the first did.
+# ARGV: token, next token, ttl ms, mode, interval ms, hand-off ms. Returns {0} not owner, {1}
+# released, {2, fence, arguments} run again, {3, arguments} released although a rerun was owed
+# (mode 'a'), {4, left, arguments} a rerun is owed once the interval has passed.
 _RELEASE: Final = _LUA_TAKE + _LUA_HAND_OFF + r"""
 local lease, token, mode = KEYS[1], ARGV[1], ARGV[4]
-local cur = redis.call('HMGET', lease, 't', 'r', 'f', 'i', 'h')
+local cur = redis.call('HMGET', lease, 't', 'r', 'f', 'i', 'h', 'a')
 if cur[1] ~= token then
-  if cur[1] and cur[1] == ARGV[2] then return {2, cur[3]} end
+  if cur[1] and cur[1] == ARGV[2] then return {2, cur[3], cur[6]} end
   local old = redis.call('GET', lease .. ':fence')
   if old and string.sub(old, -#token - 1) == ':' .. token then return {1} end
   return {0}
 end
 if cur[2] and mode == 'e' then
+  if tonumber(ARGV[5]) > 0 then
+    local left = redis.call('PTTL', lease .. ':last')
+    if left > 0 then return {4, left, cur[6]} end
+  end
   redis.call('HDEL', lease, 'r')
   local f = take(lease, ARGV[2], ARGV[3], cur[4] or '', cur[5] or '', '')
-  return {2, f}
+  if tonumber(ARGV[5]) > 0 then redis.call('SET', lease .. ':last', f, 'PX', ARGV[5]) end
+  return {2, f, cur[6]}
 end
 redis.call('DEL', lease)
 local fkey = lease .. ':fence'
 local last = string.match(redis.call('GET', fkey) or '', '^(%d+)') or cur[3]
 redis.call('SET', fkey, last .. ':' .. token, 'PX', tonumber(ARGV[3]) + 60000)
-hand_off(lease, ':' .. token)
-if cur[2] then return {3} end
+hand_off(lease, ':' .. token, ARGV[6])
+if cur[2] and mode ~= 't' then return {3, cur[6]} end
 return {1}
 """
 
@@ -731,7 +782,7 @@ if ARGV[4] == '1' then
   return {1, cur[2]}
 end
 redis.call('DEL', lease)
-hand_off(lease, nil)
+hand_off(lease, nil, ARGV[5])
 return {0}
 """
 
@@ -741,7 +792,7 @@ _FORCE: Final = _LUA_TAKE + _LUA_HAND_OFF + r"""
 local cur = redis.call('HMGET', KEYS[1], 't', 'f', 'i', 'h', 's')
 if not cur[1] then return false end
 redis.call('DEL', KEYS[1])
-hand_off(KEYS[1], nil)
+hand_off(KEYS[1], nil, ARGV[1])
 return cur
 """
 
@@ -771,19 +822,117 @@ end
 return 1
 """
 
+# min_interval under rerun: at most one trailing run per key. ARGV: the caller's task id, a new task
+# id, ms to keep the mark. Returns 1 (marked for the new id: send it), 2 (the caller is that
+# trailing run, started early: mark kept, send itself again) or 0 (one is already on its way).
+_TRAIL: Final = r"""
+local k = KEYS[1] .. ':trail'
+local cur = redis.call('GET', k)
+if cur and cur == ARGV[1] then
+  redis.call('PEXPIRE', k, ARGV[3])
+  return 2
+end
+if cur then return 0 end
+redis.call('SET', k, ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+
+# send_once(debounce=...): one burst per key at :debounce (i task id, f first call and d due, server
+# ms; m max_wait ms; a the newest arguments; c '1' once published). A call joins the open burst:
+# its arguments replace the stored ones and the due time moves to debounce after it, never past
+# first + max_wait nor back. Otherwise it opens one, provisional (ARGV[6] ms) until published, and
+# takes the queued marker if it is free. ARGV: task id, debounce ms, max_wait ms (0: none), arguments,
+# queued ttl ms, provisional ms. Returns {1, id, ms to due} (publish: also for the caller's own
+# unpublished burst, a call the client retried) or {0, id, ms to due} (joined burst id).
+_DEBOUNCE: Final = _LUA_TAKE + r"""
+local lease, tid = KEYS[1], ARGV[1]
+local burst, queued = lease .. ':debounce', lease .. ':queued'
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local cur = redis.call('HMGET', burst, 'i', 'f', 'd', 'm', 'c')
+if cur[1] and not (cur[1] == tid and cur[5] ~= '1') then
+  local due = now + tonumber(ARGV[2])
+  local cap = tonumber(cur[4] or '0') or 0
+  if cap > 0 then due = math.min(due, (tonumber(cur[2] or '0') or 0) + cap) end
+  due = math.max(due, tonumber(cur[3] or '0') or 0)
+  redis.call('HSET', burst, 'd', string.format('%.0f', due), 'a', ARGV[4])
+  if cur[5] == '1' then
+    local keep = string.format('%.0f', tonumber(ARGV[5]) + due - now)
+    redis.call('PEXPIRE', burst, keep)
+    if marker_id(redis.call('GET', queued)) == cur[1] then redis.call('PEXPIRE', queued, keep) end
+  end
+  return {0, cur[1], due - now}
+end
+local first = string.format('%.0f', now)
+local due = now + tonumber(ARGV[2])
+redis.call('HSET', burst, 'i', tid, 'f', first, 'd', string.format('%.0f', due), 'm', ARGV[3], 'a', ARGV[4], 'c', '0')
+expire(burst, ARGV[6])
+if not redis.call('GET', queued) then redis.call('SET', queued, 'p:' .. tid .. '|' .. first, 'PX', ARGV[6]) end
+return {1, tid, due - now}
+"""
+
+# send_once(debounce=...), after publishing: confirm the caller's burst (ARGV[3] '1') and its queued
+# marker for ARGV[2] ms past the due time, or remove both after a failed publish ('0') -- only while
+# they are still the caller's (also for any message that will never run: see _drop_marker).
+# ARGV: task id, queued ttl ms, published. Returns 1 (confirmed, or something removed), or 0.
+_DEBOUNCE_SENT: Final = _LUA_MARKER + r"""
+local lease, tid = KEYS[1], ARGV[1]
+local burst, queued = lease .. ':debounce', lease .. ':queued'
+local cur = redis.call('HMGET', burst, 'i', 'd')
+local mark = redis.call('GET', queued)
+if ARGV[3] ~= '1' then
+  local removed = 0
+  if cur[1] == tid then removed = redis.call('DEL', burst) end
+  if marker_id(mark) == tid then removed = removed + redis.call('DEL', queued) end
+  return math.min(removed, 1)
+end
+if cur[1] ~= tid then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local keep = string.format('%.0f', tonumber(ARGV[2]) + math.max(0, (tonumber(cur[2] or '0') or 0) - now))
+redis.call('HSET', burst, 'c', '1')
+redis.call('PEXPIRE', burst, keep)
+if marker_id(mark) == tid then
+  redis.call('SET', queued, tid .. '|' .. (string.match(mark, '|(%d+)$') or '0'), 'PX', keep)
+end
+return 1
+"""
+
+# A debounce message starting: before its due time (the server's clock) it learns how long is left;
+# at or after it, it gets the newest arguments and closes the burst (and gives up its queued marker),
+# so a later call opens a new one. ARGV: task id. Returns {0, ms left}, {1, arguments}, or {2} when
+# the burst is not (or no longer) this message's: expired, or already started once.
+_DEBOUNCE_START: Final = _LUA_MARKER + r"""
+local lease, tid = KEYS[1], ARGV[1]
+local burst = lease .. ':debounce'
+local cur = redis.call('HMGET', burst, 'i', 'd', 'a')
+if cur[1] ~= tid then return {2} end
+local t = redis.call('TIME')
+local left = (tonumber(cur[2] or '0') or 0) - (tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+if left > 0 then return {0, left} end
+redis.call('DEL', burst)
+unqueue(lease, tid)
+return {1, cur[3]}
+"""
+
 _SHA: Final = {body: hashlib.sha1(body.encode()).hexdigest() for body in
-               (_ACQUIRE, _RENEW, _RELEASE, _LEAVE, _FORCE, _MARK, _CONFIRM)}
+               (_ACQUIRE, _RENEW, _RELEASE, _LEAVE, _FORCE, _MARK, _CONFIRM, _TRAIL,
+                _DEBOUNCE, _DEBOUNCE_SENT, _DEBOUNCE_START)}
 
 # Release outcomes, as _RELEASE returns them, and the process's own.
 _NOT_OWNER: Final = 0
 _RELEASED: Final = 1
 _RERUN: Final = 2
 _RELEASED_OWED: Final = 3
+_COOLING: Final = 4  # a rerun is owed once min_interval has passed (the lease is still held)
 _UNCONFIRMED: Final = -1  # Redis did not answer the release: the key expires by itself
 _NOT_MINE: Final = -2  # a lease of the parent process, in a forked child: never touched
 # How many times in a row a rerun-policy run takes its key again after finding its lease lost.
 _RETAKES: Final = 3
 _BUSY_CODE: Final = {"rerun": "r", "wait": "w"}  # what a busy acquire asks for; "t": nothing
+# "end": a run returned (run again if a rerun is owed); "abort": it raised; "trail": it returned and
+# the rerun it owed was sent as a task.
+_RELEASE_MODE: Final = {"end": "e", "abort": "a", "trail": "t"}
 
 # The longest single BLPOP of a waiter: it re-polls at least this often, which keeps its place in
 # the queue alive and stays under the socket timeout of the clients built here.
@@ -849,21 +998,178 @@ def _check_key(key: str) -> None:
 
 
 def _call(client: Any, script: str, redis_key: str, *args: Any) -> Any:
-    """Run a script by SHA; after a Redis restart emptied the cache, send it once in full."""
+    """Run a script by SHA; after a Redis restart emptied the cache, send it once in full.
+
+    A plain ``redis.Redis`` takes the direct path (below); every other client its own ``evalsha``.
+    """
     try:
+        route = _routes.get(id(client))
+        if route is None or route[0]() is not client:
+            route = _route(client)
+        pool = route[1]
+        if pool is not None and pool is client.connection_pool:
+            packed = _pack(script, redis_key, args)
+            if packed is not None:
+                return _send_direct(pool, route[2], route[3], packed)
         return client.evalsha(_SHA[script], 1, redis_key, *args)
     except redis.exceptions.NoScriptError:
         return client.eval(script, 1, redis_key, *args)
+
+
+# The direct path. redis-py's command layer (the checks, closures and hooks around every command)
+# costs about as much client time as the two round trips of a lease. For a client that is exactly
+# redis-py's own -- its methods unchanged, not wrapped by an instrumentation, a plain pool of plain
+# connections -- _call packs EVALSHA itself (the "EVALSHA sha 1 key" prefix once per key) and does
+# what Redis.execute_command does, with the same pieces: a connection from the client's pool, the
+# connection's own send, read and retry policy (a dropped connection is disconnected and retried
+# only on the errors that policy names; redis-py < 5.1 also requires them in retry_on_error), and
+# the connection back to the pool. Replies are what the connection parsed (bytes, or str under
+# decode_responses), as EVALSHA has no response callback. Anything else -- RedisCluster, Sentinel's
+# pool, fakeredis, client-side caching, a single-connection client, a subclass that overrides how
+# commands are sent, a custom EVALSHA callback, an encoding other than UTF-8 -- takes the normal
+# path. A client is judged once, at its first call; what redis-py's observability hooks (8.x)
+# would record about these commands is not recorded.
+
+_REDIS_DIR: Final = os.path.dirname(os.path.abspath(redis.__file__)) + os.sep
+_CLIENT_METHODS: Final = ("execute_command", "_execute_command", "_send_command_parse_response", "parse_response",
+                          "evalsha", "eval")
+_CONNECTION_METHODS: Final = ("send_packed_command", "read_response", "disconnect", "connect")
+_RETRY_ON_ERROR_GATED: Final = hasattr(redis.Redis, "_disconnect_raise")  # redis-py < 5.1
+# A route: (weak reference to the client, its pool or None for the normal path, the arguments
+# of pool.get_connection, whether connections may ask to reconnect after a command).
+_Route = tuple[Callable[[], Any], Any, tuple[str, ...], bool]
+_routes: dict[int, _Route] = {}
+_routes_lock = threading.Lock()
+_prefixes: dict[str, dict[str, bytes]] = {}  # script -> redis key -> the packed "EVALSHA sha 1 key"
+_HEADERS: Final = tuple(b"*%d\r\n" % n for n in range(32))
+
+
+def _route(client: Any) -> _Route:
+    """Judge ``client`` once: its pool when the direct path applies, else None (remembered)."""
+    pool = _direct_pool(client)
+    checkout: tuple[str, ...] = ()
+    reconnect = False
+    if pool is not None:
+        # redis-py < 5.3 requires a command name here, and warns about one from 5.3 on.
+        parameter = inspect.signature(type(pool).get_connection).parameters.get("command_name")
+        checkout = ("EVALSHA",) if parameter is not None and parameter.default is parameter.empty else ()
+        reconnect = callable(getattr(pool.connection_class, "should_reconnect", None))
+    try:
+        ref: Callable[[], Any] = weakref.ref(client)
+    except TypeError:  # not weakly referenceable: judged at every call (nothing is remembered)
+        return (lambda: client, None, (), False)
+    route: _Route = (ref, pool, checkout, reconnect)
+    with _routes_lock:
+        if len(_routes) >= 256:
+            _routes.clear()
+        _routes[id(client)] = route
+    return route
+
+
+def _direct_pool(client: Any) -> Any:
+    if not isinstance(client, redis.Redis) or getattr(client, "connection", None) is not None:
+        return None
+    cls, own = type(client), getattr(client, "__dict__", {})
+    if any(name in own or not _from_redis_py(getattr(cls, name, None)) for name in _CLIENT_METHODS):
+        return None
+    callbacks = getattr(client, "response_callbacks", {})
+    if "EVALSHA" in callbacks or "EVAL" in callbacks:
+        return None
+    pool = client.connection_pool
+    if type(pool) not in (redis.ConnectionPool, redis.BlockingConnectionPool) or getattr(pool, "cache", None):
+        return None
+    conn_class = pool.connection_class
+    if conn_class not in (redis.Connection, redis.SSLConnection, redis.UnixDomainSocketConnection) or not all(
+        _from_redis_py(getattr(conn_class, name, None)) for name in _CONNECTION_METHODS
+    ):
+        return None
+    kwargs = pool.connection_kwargs
+    if str(kwargs.get("encoding", "utf-8")).lower().replace("_", "-") not in ("utf-8", "utf8"):
+        return None
+    return pool
+
+
+def _from_redis_py(method: Any) -> bool:
+    """True for a plain function defined inside the redis package (or no such method at all):
+    not a subclass's override, nor a wrapper an instrumentation put in its place."""
+    if method is None:
+        return True
+    return type(method) is types.FunctionType and method.__code__.co_filename.startswith(_REDIS_DIR)
+
+
+def _pack(script: str, redis_key: str, args: tuple[Any, ...]) -> Optional[bytes]:
+    """``EVALSHA sha 1 redis_key *args`` in RESP, as redis-py packs it; None for an argument of a
+    type other than str, int or bytes (then redis-py packs it)."""
+    cache = _prefixes.get(script)
+    if cache is None:
+        cache = _prefixes.setdefault(script, {})
+    prefix = cache.get(redis_key)
+    if prefix is None:
+        if len(cache) >= 1024:
+            cache.clear()
+        key = redis_key.encode()
+        prefix = cache[redis_key] = b"$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n1\r\n$%d\r\n%s\r\n" % (
+            _SHA[script].encode(), len(key), key)
+    count = len(args) + 4
+    parts = [_HEADERS[count] if count < len(_HEADERS) else b"*%d\r\n" % count, prefix]
+    for arg in args:
+        kind = type(arg)
+        if kind is str:
+            data = arg.encode()
+        elif kind is int:
+            data = b"%d" % arg
+        elif kind is bytes:
+            data = arg
+        else:
+            return None
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+def _send_direct(pool: Any, checkout: tuple[str, ...], reconnect: bool, packed: bytes) -> Any:
+    conn = pool.get_connection(*checkout)
+    try:
+        return conn.retry.call_with_retry(lambda: _round_trip(conn, packed), lambda error: _dropped(conn, error))
+    finally:
+        try:
+            if reconnect and conn.should_reconnect():  # redis-py 8: asked to by a maintenance notice
+                conn.disconnect()
+                conn.connect()
+        finally:
+            pool.release(conn)
+
+
+def _round_trip(conn: Any, packed: bytes) -> Any:
+    conn.send_packed_command((packed,))  # a sequence of chunks, as redis-py's packers return
+    return conn.read_response()
+
+
+def _dropped(conn: Any, error: Exception) -> None:
+    """A connection error or timeout the retry policy supports: disconnect, then retry (or not)."""
+    conn.disconnect()
+    if _RETRY_ON_ERROR_GATED and not isinstance(error, tuple(conn.retry_on_error or ())):
+        raise error
 
 
 def _in_this_process(lease: Optional[Lease]) -> bool:
     return lease is not None and lease._pid == _holder.pid
 
 
-def _acquire(spec: single_run, key: str, policy: str, task: Any, client: Any) -> Optional[Lease]:
-    """Take the lease for ``key`` or apply ``policy`` ("skip", "raise", "wait", "rerun").
+class _Throttled(AlreadyRunning):
+    """Inside the library only: the key is free but its minimum interval has not passed, for a
+    policy ("rerun", "retry") that the caller serves by sending a task for when it has."""
 
-    Returns the lease, or None when the call should return without running.
+    def __init__(self, message: str, key: str, left: float) -> None:
+        super().__init__(message, key)
+        self.left = left
+
+
+def _acquire(spec: single_run, key: str, policy: str, task: Any, client: Any, arguments: str = "",
+             task_id: Optional[str] = None) -> Optional[Lease]:
+    """Take the lease for ``key`` or apply ``policy`` ("skip", "raise", "wait", "retry", "rerun").
+
+    Returns the lease, or None when the call should return without running. ``arguments`` (JSON)
+    go with a rerun request when the newest call's arguments are to win.
     """
     _check_key(key)
     redis_key = _lease_key(spec.prefix, key)
@@ -877,25 +1183,37 @@ def _acquire(spec: single_run, key: str, policy: str, task: Any, client: Any) ->
             )
         parent = parent._parent
     token = secrets.token_hex(16)
-    task_id = (getattr(task.request, "id", None) or "") if task is not None else ""
+    if task_id is None:
+        task_id = (getattr(task.request, "id", None) or "") if task is not None else ""
     holder = {"host": _HOST, "pid": _holder.pid, "task_id": task_id or None}
     busy = _BUSY_CODE.get(policy, "t")
-    args = (token, spec._ttl_ms, task_id, _holder.text, busy, spec._alive_ms)
-    # The deadline is counted from before the request is sent: the server's TTL can only have
-    # started later, so this holder never believes in the lease longer than Redis keeps it.
-    sent = time.monotonic()
-    try:
-        if spec.replicas:
-            reply = _replicated(spec, client, _ACQUIRE, redis_key, token, *args)
-        else:
-            reply = _call(client, _ACQUIRE, redis_key, *args)
-    except redis.RedisError as exc:
-        return _redis_failed(spec, key, client, exc)
-    except BaseException:
-        # Interrupted (a time limit, Ctrl-C) after the request may have reached Redis: if it took
-        # the key, give it back rather than leave it blocked for a ttl.
-        _give_back_quietly(client, redis_key, token, spec._ttl_ms)
-        raise
+    args = (token, spec._ttl_ms, task_id, _holder.text, busy, spec._alive_ms, arguments, spec._every_ms)
+    give_up = math.inf if spec.timeout is None else time.monotonic() + spec.timeout
+    while True:
+        # The deadline is counted from before the request is sent: the server's TTL can only have
+        # started later, so this holder never believes in the lease longer than Redis keeps it.
+        sent = time.monotonic()
+        try:
+            if spec.replicas:
+                reply = _replicated(spec, client, _ACQUIRE, redis_key, token, *args)
+            else:
+                reply = _call(client, _ACQUIRE, redis_key, *args)
+        except redis.RedisError as exc:
+            return _redis_failed(spec, key, client, exc)
+        except BaseException:
+            # Interrupted (a time limit, Ctrl-C) after the request may have reached Redis: if it
+            # took the key, give it back rather than leave it blocked for a ttl.
+            _give_back_quietly(client, redis_key, token, spec._ttl_ms)
+            raise
+        if reply[0] == 1 or len(reply) < 4 or int(reply[3]) != 1:
+            break
+        # Free, but its last run started less than min_interval ago (the server's clock says).
+        left = int(reply[1]) / 1000.0
+        if policy != "wait" or sent + left > give_up:
+            _throttled(key, policy, task, left)  # raises, unless it is skipped
+            return None
+        _busy(key, policy, "throttled", task, int(reply[1]))
+        time.sleep(left)
     if reply[0] == 1:
         return _held(spec, key, redis_key, token, int(reply[1]), client, sent, holder, task)
     pttl, own = int(reply[1]), int(reply[2])
@@ -928,15 +1246,34 @@ def _acquire(spec: single_run, key: str, policy: str, task: Any, client: Any) ->
     raise AlreadyRunning(f"{key!r} is already running (the holder's lease has {pttl} ms left)", key)
 
 
+def _throttled(key: str, policy: str, task: Any, left: float) -> None:
+    """Apply ``policy`` to a call refused by the minimum interval (``left`` seconds to go)."""
+    _busy(key, policy, "throttled", task, int(left * 1000))
+    if policy == "skip":
+        log_acquire.info("Throttled %r: skipped (%.2fs of its min_interval left)", key, left)
+        return
+    message = f"{key!r} ran less than min_interval ago: {left:.2f}s left"
+    if policy in ("rerun", "retry"):
+        raise _Throttled(message, key, left)
+    raise AlreadyRunning(message + ("" if policy == "raise" else f" (waited {policy})"), key)
+
+
 def _busy(key: str, policy: str, action: str, task: Any, pttl_ms: int) -> None:
     _send("busy", key, policy=policy, action=action, task=task, time_left=max(0, pttl_ms) / 1000.0)
 
 
 def _held(spec: single_run, key: str, redis_key: str, token: str, fence: int, client: Any, sent: float,
-          holder: dict[str, Any], task: Any) -> Lease:
-    """A lease just confirmed by Redis (the request sent at ``sent``): held, and renewed from now on."""
-    lease = Lease(key, redis_key, token, fence, spec.ttl, client, sent + spec.ttl, holder, spec.on_lost)
+          holder: dict[str, Any], task: Any, provisional: bool = False) -> Lease:
+    """A lease just confirmed by Redis (the request sent at ``sent``): held, and renewed from now on.
+
+    ``provisional``: handed over by a releaser for at most _HANDOFF_MS; renewed at once.
+    """
+    lasts = min(spec.ttl, _HANDOFF_MS / 1000.0) if provisional else spec.ttl
+    lease = Lease(key, redis_key, token, fence, spec.ttl, client, sent + lasts, holder, spec.on_lost)
+    if provisional:
+        lease._renew_at = sent
     lease._task = task
+    lease._every_ms = spec._every_ms
     _watchdog.add(lease)
     log_acquire.debug("Acquired %r fence=%s", key, fence)
     _send("acquired", key, lease=lease, task=task)
@@ -992,20 +1329,27 @@ def _wait(
                 fence = int(reply[1])
                 break
             block = max(0.01, min(slice_cap, pttl_ms / 1000.0 + 0.002, end - now))
+            asked = time.monotonic()
             got = client.blpop([handoff], timeout=block)
             sent = time.monotonic()
+            if got is not None and not spec.replicas:
+                # Handed over provisionally (for _HANDOFF_MS, counted from before we asked): the
+                # run starts at once, and the watchdog confirms the lease for a full ttl right away.
+                log_acquire.debug("Acquired %r by hand-off", key)
+                return _held(spec, key, redis_key, token, int(got[1]), client, asked, holder, task, provisional=True)
             if got is not None:
-                # The hand-off is provisional until confirmed; a confirmation that comes too late
-                # finds the key gone, and the wait goes on.
-                if spec.replicas:
-                    confirmed = _replicated(spec, client, _RENEW, redis_key, token, token, spec._ttl_ms)
-                else:
-                    confirmed = _call(client, _RENEW, redis_key, token, spec._ttl_ms)
+                # With replicas, confirmed first, and that write waited for: a confirmation that
+                # comes too late finds the key gone, and the wait goes on.
+                confirmed = _replicated(spec, client, _RENEW, redis_key, token, token, spec._ttl_ms)
                 if int(confirmed) == 1:
                     fence = int(got[1])
                     break
-            args = (token, spec._ttl_ms, task_id, _holder.text, "w", spec._alive_ms)
+            args = (token, spec._ttl_ms, task_id, _holder.text, "w", spec._alive_ms, "", spec._every_ms)
             reply = _call(client, _ACQUIRE, redis_key, *args)
+            if reply[0] != 1 and len(reply) > 3 and int(reply[3]) == 1:
+                pttl_ms = min(int(reply[1]), 50)  # free, inside its interval: look again soon
+                time.sleep(int(reply[1]) / 1000.0)
+                continue
             if reply[0] == 1:
                 fence = int(reply[1])
                 break
@@ -1040,7 +1384,7 @@ def _replicated(spec: single_run, client: Any, script: str, redis_key: str, toke
             raise result
     took = reply == 1 if script == _RENEW else reply[0] == 1
     if int(acked) < spec.replicas and took:
-        _call(client, _RELEASE, redis_key, token, "", spec._ttl_ms, "a", _HANDOFF_MS)
+        _call(client, _RELEASE, redis_key, token, "", spec._ttl_ms, "a", 0, _HANDOFF_MS)
         raise redis.exceptions.ConnectionError(
             f"only {acked} of {spec.replicas} replica(s) acknowledged the lease within {spec.replica_timeout}s"
         )
@@ -1088,7 +1432,7 @@ def _release(lease: Lease, mode: str, warn: bool = True) -> int:
     sent = time.monotonic()
     try:
         reply = _call(lease._client, _RELEASE, lease.redis_key, lease._token, next_token, int(lease._ttl * 1000),
-                      "e" if mode == "end" else "a", _HANDOFF_MS)
+                      _RELEASE_MODE[mode], lease._every_ms, _HANDOFF_MS)
     except BaseException as exc:
         _settle(lease, _RELEASED_STATE)
         if not isinstance(exc, redis.RedisError):
@@ -1100,6 +1444,17 @@ def _release(lease: Lease, mode: str, warn: bool = True) -> int:
             )
         return _UNCONFIRMED
     outcome = int(reply[0])
+    if outcome in (_RERUN, _RELEASED_OWED, _COOLING):
+        # The arguments of the newest call, when they are to win (rerun_with="latest").
+        at = 1 if outcome == _RELEASED_OWED else 2
+        lease._rerun_args = _text(reply[at]) if len(reply) > at and reply[at] else None
+    if outcome == _COOLING:
+        # A rerun is owed, but not before min_interval has passed since the last start.
+        with _state_lock:
+            if lease._state == _RELEASING:
+                lease._state = _HELD
+        lease._cooling = int(reply[1]) / 1000.0
+        return _COOLING
     if outcome == _RERUN:
         # A new acquisition: a new token and a larger fence, confirmed from when it was asked for.
         with _state_lock:
@@ -1455,9 +1810,12 @@ _clients_lock = threading.Lock()
 _URL_SCHEMES: Final = ("redis://", "rediss://", "unix://")
 
 
+_sync_client_types: set[type] = set()  # the client classes found to be blocking, by the checks below
+
+
 def _check_client(client: Any) -> Any:
-    if client is None:
-        return None
+    if client is None or type(client) in _sync_client_types:
+        return client
     if isinstance(client, str):
         return _check_url(client, "client URL")
     if inspect.isclass(client):
@@ -1473,6 +1831,8 @@ def _check_client(client: Any) -> Any:
             f"client {type(client).__module__}.{type(client).__name__} is an asyncio client; single_run holds "
             "its lease around a blocking call and needs a blocking one (redis.Redis, redis.RedisCluster)"
         )
+    if "evalsha" not in getattr(client, "__dict__", {}):  # the class decided it, not this one object
+        _sync_client_types.add(type(client))
     return client
 
 
@@ -1606,6 +1966,23 @@ def _template_fields(template: str, what: str) -> list[str]:
             f"{what} {template!r} is malformed: {exc}; keys are str.format templates, so write {{{{ and }}}} "
             "for a literal brace"
         ) from None
+
+
+_literals: dict[str, Optional[str]] = {}  # template -> _literal_key(template), for single_run per use
+_NOT_SEEN: Final = object()
+
+
+def _literal_key(template: str) -> Optional[str]:
+    """The key a template without fields stands for (braces undoubled, checked), else None."""
+    literal = _literals.get(template, _NOT_SEEN)
+    if literal is _NOT_SEEN:
+        literal = None if _template_fields(template, "key") else template.format()
+        if literal is not None:
+            _check_key(literal)
+        if len(_literals) >= 1024:
+            _literals.clear()
+        _literals[template] = literal
+    return cast(Optional[str], literal)
 
 
 class _KeyRenderer:
@@ -1773,6 +2150,8 @@ class _KeyRenderer:
 
 
 def _check_seconds(name: str, value: Any, minimum: float) -> float:
+    if type(value) is float and minimum <= value < math.inf and (value > 0 or minimum <= 0):
+        return value  # the common case, decided in one line (NaN fails the comparison)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigurationError(f"{name} must be a number of seconds, not {type(value).__name__}")
     seconds = float(value)
@@ -1834,17 +2213,37 @@ def _task_of(wrapper: Callable[..., Any]) -> Any:
     if not _task_getter:
         # Imported once, lazily: a plain decorated function never pays for importing Celery, and
         # every call after the first skips the import machinery (microseconds on the hot path).
-        try:
-            from celery._state import get_current_task
-        except ImportError:
-            _task_getter.append(lambda: None)
-        else:
-            _task_getter.append(get_current_task)
+        _task_getter.append(_current_task_getter())
     task = _task_getter[0]()
     if task is None:
         return None
     run = getattr(task, "run", None)
     return task if getattr(run, "__func__", run) is wrapper else None
+
+
+def _current_task_getter() -> Callable[[], Any]:
+    """Celery's ``get_current_task``, made cheap for the common case of no task in this thread.
+
+    Celery keeps the task stack in a thread-local ``Local`` whose storage is a dict by thread
+    ident; its ``top`` raises and catches two exceptions when this thread has no entry. Looking
+    the entry up first costs one dict lookup; with an entry, Celery's own ``top`` answers.
+    """
+    try:
+        from celery import _state
+        from celery.utils.threads import Local
+    except ImportError:
+        return lambda: None
+    stack: Any = getattr(_state, "_task_stack", None)
+    local: Any = getattr(stack, "_local", None)
+    storage = getattr(local, "__storage__", None) if type(local) is Local else None
+    if not isinstance(storage, dict) or not callable(getattr(local, "__ident_func__", None)):
+        return cast(Callable[[], Any], _state.get_current_task)  # another kind of stack: ask Celery
+
+    def current_task() -> Any:
+        # The ident function is read at every call: gevent and eventlet replace it.
+        return stack.top if local.__ident_func__() in storage else None
+
+    return current_task
 
 
 def _run(
@@ -1861,21 +2260,39 @@ def _run(
     client = _client_of(spec, found)
     # Called directly (not by a worker), the task is only where the app and Redis come from.
     task = None if found is None or found.request.called_directly else found
+    if task is not None and _DEBOUNCE_HEADER in (task.request.headers or ()):  # send_once(debounce=...)'s message
+        args, kwargs = _debounced(spec, task, key, client, args, kwargs)
     policy = spec.on_busy
+    in_worker = task is not None and not task.request.is_eager
+    # A decorated helper that a task calls records that task's id all the same: a redelivery of
+    # the task's message then recognises the helper's lease as its own earlier attempt.
+    task_id = (task.request.id or "") if task is not None else _outer_task_id()
+    bound = found is not None and bool(args) and args[0] is found  # a bind=True task's self
+    # The newest call's arguments, sent with its rerun request (the task's self is not stored).
+    arguments = _encode_arguments(key, args[1:] if bound else args, kwargs) if spec.rerun_with == "latest" else ""
     lease: Optional[Lease] = None
     if policy == "retry":
-        if task is None or task.request.is_eager:
+        if not in_worker:
             policy = "raise"  # no broker to re-send through: the caller sees AlreadyRunning
         else:
             try:
-                lease = _acquire(spec, key, "retry", task, client)
+                lease = _acquire(spec, key, "retry", task, client, "", task_id)
             except AlreadyRunning as exc:
-                retry = _busy_retry(spec, task, exc)
+                retry = _busy_retry(spec, task, exc, getattr(exc, "left", None))
                 _busy(key, "retry", "retry_sent", task, 0)
                 raise retry from None
     if policy != "retry":
         try:
-            lease = _acquire(spec, key, policy, task, client)
+            lease = _acquire(spec, key, policy, task, client, arguments, task_id)
+        except _Throttled as exc:  # under "rerun": one run when the interval ends
+            if not in_worker:
+                raise ConfigurationError(
+                    f"{key!r} ran less than min_interval ago; on_busy='rerun' serves that with a task sent for "
+                    "when the interval ends, which needs a Celery worker: outside one use 'wait' or 'skip'",
+                    key,
+                ) from None
+            _send_trailing(spec, task, key, client, exc.left, args[1:] if bound else args, kwargs)
+            return None
         except AlreadyRunning:
             if task is not None and policy == "raise":
                 _expect_already_running(task)
@@ -1891,13 +2308,26 @@ def _run(
                 result = fn(*args, **kwargs)
             except BaseException as exc:
                 if _release(lease, "abort") == _RELEASED_OWED:
+                    if lease._rerun_args:
+                        args, kwargs = _decode_arguments(lease._rerun_args, found if bound else None)
                     _pass_on_rerun(spec, fn, lease, task, args, kwargs, exc)
                 raise
             outcome = _release(lease, "end")
+            while outcome == _COOLING:  # a rerun is owed, but min_interval has not passed yet
+                if lease._rerun_args:
+                    args, kwargs = _decode_arguments(lease._rerun_args, found if bound else None)
+                if in_worker:
+                    _send_trailing(spec, task, key, client, lease._cooling, args[1:] if bound else args, kwargs)
+                    outcome = _release(lease, "trail")
+                else:
+                    time.sleep(lease._cooling)  # still holding the lease: nobody could run meanwhile
+                    outcome = _release(lease, "end")
             if outcome == _UNCONFIRMED and policy == "rerun":
                 outcome = _release_patiently(lease)
             if outcome == _RERUN:
                 retakes = 0
+                if lease._rerun_args:
+                    args, kwargs = _decode_arguments(lease._rerun_args, found if bound else None)
                 log_acquire.info("Running %r again: a rerun was requested during the last run", key)
                 continue
             if policy != "rerun" or outcome not in (_NOT_OWNER, _UNCONFIRMED) or retakes >= _RETAKES:
@@ -1907,7 +2337,7 @@ def _run(
             retakes += 1
             _current.reset(context_token)  # the lost lease is no longer ours: not a nested use
             context_token = _current.set(lease._parent)
-            again = _retake(spec, key, task, client)
+            again = _retake(spec, key, task, client, arguments, task_id)
             if again is None:
                 return result
             log_acquire.info("Running %r again: its lease was lost, and rerun requests with it", key)
@@ -1917,6 +2347,14 @@ def _run(
             context_token = _current.set(lease)
     finally:
         _current.reset(context_token)
+
+
+def _outer_task_id() -> str:
+    """The id of the Celery task a worker is executing in this thread, or ""."""
+    outer = _task_getter[0]() if _task_getter else None
+    if outer is None or outer.request.called_directly:
+        return ""
+    return str(outer.request.id or "")
 
 
 def _release_patiently(lease: Lease) -> int:
@@ -1929,13 +2367,15 @@ def _release_patiently(lease: Lease) -> int:
     return outcome
 
 
-def _retake(spec: single_run, key: str, task: Any, client: Any) -> Optional[Lease]:
+def _retake(spec: single_run, key: str, task: Any, client: Any, arguments: str, task_id: str) -> Optional[Lease]:
     """After a lost lease, take the key again, or ask its new holder for a rerun (None). Redis may
     be restarting: keep trying for one ttl before giving up with a WARNING."""
     give_up = time.monotonic() + spec.ttl
     while True:
         try:
-            return _acquire(spec, key, "rerun", task, client)
+            return _acquire(spec, key, "rerun", task, client, arguments, task_id)
+        except _Throttled:
+            return None  # free, inside its interval: a later run is due anyway
         except RedisUnavailable as exc:
             if time.monotonic() >= give_up:
                 log_release.warning(
@@ -1955,12 +2395,15 @@ def _expect_already_running(task: Any) -> None:
         task.throws = (*throws, AlreadyRunning)
 
 
-def _busy_retry(spec: single_run, task: Any, exc: AlreadyRunning) -> Any:
-    """Re-send the current Celery task after ``retry_countdown`` seconds, as Task.retry does,
-    but without counting the attempt against the task's own ``max_retries``."""
+def _busy_retry(spec: single_run, task: Any, exc: AlreadyRunning, after: Optional[float] = None) -> Any:
+    """Re-send the current Celery task after ``retry_countdown`` seconds (or ``after``: when a
+    minimum interval ends), as Task.retry does, but without counting the attempt against the
+    task's own ``max_retries``."""
     from celery.exceptions import Retry
 
     countdown = spec.retry_countdown * random.uniform(0.5, 1.5)  # spread a herd of retries
+    if after is not None:
+        countdown = after + 0.01 + random.uniform(0.0, min(0.5, spec.retry_countdown))
     request = task.request
     sig = task.signature_from_request(request, None, None, countdown=countdown, retries=request.retries)
     sig.apply_async()
@@ -1983,14 +2426,7 @@ def _pass_on_rerun(
         return  # the retry already queued is a later run
     if task is not None and not task.request.is_eager:
         call_args = args[1:] if args and args[0] is task else args
-        # Routed as the message that started this run (queue, routing key, priority, headers,
-        # time limits), but a new task of its own: no retry count, callbacks or group.
-        sig = task.signature_from_request(task.request, call_args, kwargs)
-        options = dict(sig.options)
-        for name in ("link", "link_error", "group_id", "group_index", "chord", "chain", "expires", "retries"):
-            options.pop(name, None)
-        options["task_id"] = str(uuid.uuid4())
-        task.apply_async(call_args, kwargs, **options)
+        task.apply_async(call_args, kwargs, **_routed_like(task, call_args, kwargs), task_id=str(uuid.uuid4()))
         log_release.warning(
             "Run of %r raised %s; the rerun it owed was sent as a new task", lease.key, type(exc).__name__
         )
@@ -2000,6 +2436,70 @@ def _pass_on_rerun(
         lease.key,
         type(exc).__name__,
     )
+
+
+def _routed_like(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Options for a new message routed as the one that started this run (queue, routing key,
+    priority, headers, time limits), but a task of its own: no id, retry count, callbacks or group."""
+    options = dict(task.signature_from_request(task.request, args, kwargs).options)
+    for name in ("task_id", "link", "link_error", "group_id", "group_index", "chord", "chain", "expires", "retries"):
+        options.pop(name, None)
+    return options
+
+
+def _send_trailing(spec: single_run, task: Any, key: str, client: Any, left: float, args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> None:
+    """Under min_interval and rerun: make sure one run starts when the interval ends -- a task
+    sent for that moment, at most one per key (the trailing edge of a throttle)."""
+    redis_key = _lease_key(spec.prefix, key)
+    new_id = str(uuid.uuid4())
+    keep_ms = int(left * 1000) + 2 * spec._ttl_ms
+    try:
+        sent = int(_call(client, _TRAIL, redis_key, task.request.id or "", new_id, keep_ms))
+    except redis.RedisError as exc:
+        raise RedisUnavailable(f"could not schedule the run of {key!r} after its min_interval: {exc}", key) from exc
+    if sent == 2:
+        # This is that trailing task, started early (the worker's clock is not Redis's): again,
+        # for the time left, keeping its id and its retry count.
+        raise _busy_retry(spec, task, AlreadyRunning(f"{key!r} is inside its min_interval", key), left)
+    if sent == 1:
+        task.apply_async(args, kwargs, **_routed_like(task, args, kwargs), task_id=new_id, countdown=left + 0.01)
+        log_acquire.info("Throttled %r: one run is sent for when its min_interval ends, in %.2fs", key, left)
+    else:
+        log_acquire.info("Throttled %r: a run is already sent for when its min_interval ends", key)
+
+
+_MAX_ARGUMENT_BYTES: Final = 64 * 1024
+
+
+def _encode_arguments(key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """A call's arguments as JSON for rerun_with="latest"; refused before anything reaches Redis."""
+    try:
+        text = json.dumps([list(args), kwargs], separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"rerun_with='latest' keeps the arguments of a busy call for {key!r} as JSON, and these are not ({exc}); "
+            "pass ids, strings, numbers, lists and dicts, or use rerun_with='holder'"
+        ) from None
+    if len(text.encode()) > _MAX_ARGUMENT_BYTES:
+        raise ValueError(
+            f"rerun_with='latest' keeps the arguments of a busy call for {key!r}, and these are "
+            f"{len(text.encode())} bytes as JSON (at most {_MAX_ARGUMENT_BYTES}); pass an id, and load the data "
+            "in the run"
+        )
+    return text
+
+
+def _decode_arguments(text: str, bound: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The arguments _encode_arguments stored, for the rerun (``bound``: the task's self, if any).
+
+    The one piece of data from Redis this module parses, and only as JSON: never pickle.
+    """
+    value = json.loads(text)
+    if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], list) and isinstance(value[1], dict)):
+        raise ValueError(f"the stored rerun arguments are not what single_run wrote: {text[:80]!r}")
+    args = tuple(value[0])
+    return ((bound, *args) if bound is not None else args), value[1]
 
 
 def _queued_ttl(spec: single_run, task: Any, options: dict[str, Any]) -> float:
@@ -2020,6 +2520,127 @@ def _queued_ttl(spec: single_run, task: Any, options: dict[str, Any]) -> float:
             eta = eta.replace(tzinfo=zone)
         delay = max(delay, (eta - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
     return float(ttl) + max(0.0, float(delay))
+
+
+# -- debounce ------------------------------------------------------------------------------------
+#
+# send_once(debounce=...) keeps one burst per key in Redis (see _DEBOUNCE): the task id that will
+# run, when it is due by the server's clock, and the newest call's arguments as JSON. Only the
+# burst's first call publishes a message, for its due time, marked by a header; every other call
+# updates the burst and returns the same AsyncResult. A marked message that starts before its due
+# time sends itself again for the time left, as Celery's retry does (same id, retries kept) but
+# without holding a worker slot; at its due time it closes the burst and runs with the arguments
+# stored last. A message without the header costs the run nothing: Redis is only asked for those.
+
+_DEBOUNCE_HEADER: Final = "single_task_debounce"
+
+
+def _send_debounced(task: Any, spec: single_run, key: str, client: Any, args: tuple[Any, ...],
+                    kwargs: dict[str, Any], debounce: Any, max_wait: Any, options: dict[str, Any]) -> Any:
+    """send_once with ``debounce``: join the open burst of ``key``, or open one and publish its message."""
+    if debounce is None:
+        raise ConfigurationError(f"max_wait={max_wait!r} only applies with debounce=seconds (send_once of {key!r})",
+                                 key)
+    debounce_s = _check_seconds("debounce", debounce, minimum=0.001)
+    max_wait_s = None if max_wait is None else _check_seconds("max_wait", max_wait, minimum=0.001)
+    if max_wait_s is not None and max_wait_s < debounce_s:
+        raise ConfigurationError(
+            f"max_wait={max_wait!r} is shorter than debounce={debounce!r} for {key!r}: a burst would always run "
+            "at max_wait; pass max_wait >= debounce, or max_wait=None for no cap",
+            key,
+        )
+    for name in ("countdown", "eta"):
+        if options.get(name) is not None:
+            raise ConfigurationError(
+                f"send_once(debounce=...) for {key!r} schedules the run itself; drop {name}={options[name]!r}", key)
+    try:
+        payload = json.dumps([list(args), kwargs], separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"send_once(debounce=...) keeps the newest arguments for {key!r} in Redis as JSON, and these are not "
+            f"({exc}); pass ids, strings, numbers, lists and dicts"
+        ) from None
+    size = len(payload.encode())
+    if size > _MAX_ARGUMENT_BYTES:
+        raise ValueError(
+            f"send_once(debounce=...) keeps the newest arguments for {key!r} in Redis, and these are {size} bytes "
+            f"as JSON (at most {_MAX_ARGUMENT_BYTES}); pass an id, and load the data in the run"
+        )
+    if task.app.conf.task_always_eager:
+        return task.apply_async(args, kwargs, **options)  # no broker to wait in: runs now, as apply_async does
+    lease_key = _lease_key(spec.prefix, key)
+    unsent = lease_key + ":debounce"
+    task_id = options.pop("task_id", None) or _unsent.pop(unsent, None) or str(uuid.uuid4())
+    ttl_ms = int(_queued_ttl(spec, task, options) * 1000)
+    max_wait_ms = 0 if max_wait_s is None else max(1, int(max_wait_s * 1000))
+    try:
+        reply = _call(client, _DEBOUNCE, lease_key, task_id, max(1, int(debounce_s * 1000)), max_wait_ms, payload,
+                      ttl_ms, _PROVISIONAL_MS)
+    except BaseException as exc:
+        _remember_unsent(unsent, task_id)
+        if isinstance(exc, redis.RedisError):
+            raise RedisUnavailable(f"could not debounce {key!r} in Redis, so nothing was sent: {exc}", key) from exc
+        raise
+    burst_id, due_ms = _text(reply[1]), max(0, int(reply[2]))
+    if int(reply[0]) == 0:
+        log_acquire.debug("Debounced %r: joined the burst of task %s, due in %d ms", key, burst_id, due_ms)
+        _send("deduplicated", key, task=task, task_id=burst_id)
+        return task.AsyncResult(burst_id)
+    headers = {**(options.pop("headers", None) or {}), _DEBOUNCE_HEADER: "1"}
+    try:
+        result = task.apply_async(args, kwargs, task_id=task_id, countdown=due_ms / 1000.0, headers=headers,
+                                  **options)
+    except BaseException:
+        with contextlib.suppress(Exception):  # nothing was queued, so no burst may say so
+            _call(client, _DEBOUNCE_SENT, lease_key, task_id, ttl_ms, "0")
+        raise
+    try:
+        _call(client, _DEBOUNCE_SENT, lease_key, task_id, ttl_ms, "1")
+    except redis.RedisError as exc:
+        log_acquire.warning("Could not confirm the debounce burst of %r (%s); it expires in %.0fs", key, exc,
+                            _PROVISIONAL_MS / 1000.0)
+    return result
+
+
+def _debounced(spec: single_run, task: Any, key: str, client: Any, args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A debounce message starting in a worker: raise Celery's Retry to send it again for its due
+    time, or return the newest call's arguments (also in ``task.request``, so that a retry or a
+    rerun sent from this run carries them, as a message that is no longer a debounce message)."""
+    request = task.request
+    try:
+        reply = _call(client, _DEBOUNCE_START, _lease_key(spec.prefix, key), request.id or "")
+    except redis.RedisError as exc:
+        raise RedisUnavailable(f"could not read the debounced arguments of {key!r}, so it did not run: {exc}",
+                               key) from exc
+    if int(reply[0]) == 0:
+        from celery.exceptions import Retry
+
+        left = int(reply[1]) / 1000.0
+        sig = task.signature_from_request(request, None, None, countdown=left, retries=request.retries)
+        sig.apply_async()
+        log_acquire.debug("Debounced %r: a later call moved its run, sent again for %.3fs from now", key, left)
+        raise Retry(f"debounced: due in {left:.3f}s", when=left, sig=sig)
+    request.headers.pop(_DEBOUNCE_HEADER, None)
+    if int(reply[0]) == 2:
+        log_acquire.info("Debounced %r: its burst is gone (expired, or this message started before); running "
+                         "with the message's own arguments", key)
+        return args, kwargs
+    raw = reply[1]
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw or "")
+    bound = task if args and args[0] is task else None
+    try:
+        if len(text.encode()) > _MAX_ARGUMENT_BYTES:
+            raise ValueError(f"{len(text.encode())} bytes")
+        newest, newest_kwargs = _decode_arguments(text, bound)
+    except ValueError as exc:
+        raise SingleTaskError(
+            f"the debounced arguments of {key!r} in Redis are not what send_once stored ({exc}), so it did not "
+            "run; something else wrote that key: keep other writers out of the library's prefix",
+            key,
+        ) from None
+    request.args, request.kwargs = list(newest[1:] if bound is not None else newest), newest_kwargs
+    return newest, newest_kwargs
 
 
 def _spec_of(obj: Any) -> tuple[single_run, _KeyRenderer, Any]:
@@ -2043,8 +2664,8 @@ def _spec_of(obj: Any) -> tuple[single_run, _KeyRenderer, Any]:
 # @single_run decoration in a process that has imported Celery -- under @app.task or @shared_task
 # it always has, since the decorator above is looked up first -- so a process without Celery never
 # imports it, and a worker has them before it takes its first message. Each finds the task's
-# single_run, renders the key from the message's arguments and removes the marker only while it
-# still names that message's task id (_CONFIRM with '0'): a newer message's marker is never
+# single_run, renders the key from the message's arguments and removes the marker (and a debounce
+# burst) only while it still names that message's task id (_DEBOUNCE_SENT with '0'): a newer message's marker is never
 # touched. They run in the worker's consumer, where Celery writes the revoked state to its result
 # backend the same way: one round trip each.
 #
@@ -2168,8 +2789,8 @@ def _drop_marker(task: Any, task_id: Any, args: Any, kwargs: Any, why: str) -> N
                              "expires by queued_ttl", why, task_id)
             return
         _check_key(key)
-        marker = _lease_key(spec.prefix, key) + ":queued"
-        removed = _call(_client_of(spec, task), _CONFIRM, marker, str(task_id), 0, "0")
+        # The marker, and a send_once(debounce=...) burst (later calls would join a dead message).
+        removed = _call(_client_of(spec, task), _DEBOUNCE_SENT, _lease_key(spec.prefix, key), str(task_id), 0, "0")
     except Exception:
         log_release.warning("Could not release the queued marker of %r for %s message %s", key, why, task_id,
                             exc_info=True)
@@ -2384,10 +3005,15 @@ def _cli_show(client: Any, prefix: str, args: Any) -> int:
     row = _describe(client, prefix, [("lease", args.key)])
     queued = _describe(client, prefix, [("queued", args.key)])
     lease = row[0] if row else None
-    last_fence = client.get(_lease_key(prefix, args.key) + ":fence")
+    redis_key = _lease_key(prefix, args.key)
+    # The fence key holds the last fence, and after a release ":token" of the lease released.
+    digits = _text(client.get(redis_key + ":fence") or "").partition(":")[0]
+    last_fence = int(digits) if digits.isdigit() else None
+    cooling = client.pttl(redis_key + ":last")  # min_interval: the last start, kept that long
+    cooling_s = cooling / 1000.0 if isinstance(cooling, int) and cooling > 0 else None
     if args.json:
         print(json.dumps({"key": args.key, "lease": lease, "queued": queued[0] if queued else None,
-                          "last_fence": int(last_fence) if last_fence else None}, ensure_ascii=False))
+                          "last_fence": last_fence, "cooling_down_s": cooling_s}, ensure_ascii=False))
     else:
         print(f"key:        {_printable(args.key)}")
         print(f"redis key:  {_printable(_lease_key(prefix, args.key))}")
@@ -2405,7 +3031,9 @@ def _cli_show(client: Any, prefix: str, args: Any) -> int:
             print(f"queued:     {_marker_text(queued[0])}")
         else:
             print("queued:     none")
-        print(f"last fence: {int(last_fence) if last_fence else '-'}")
+        print(f"last fence: {last_fence if last_fence is not None else '-'}")
+        if cooling_s is not None:
+            print(f"throttle:   cooling down, {_seconds(cooling_s)} left of its min_interval")
     return _EXIT_OK if lease is not None else _EXIT_NO
 
 

@@ -204,3 +204,43 @@ def doomed_const() -> str:
     """A key without arguments: found even for a message whose body the worker refused to read."""
     _record.rpush("rec:doomed-const", "ran")
     return "ran"
+
+
+@app.task(bind=True)
+@single_run(key="debounce:{n}", ttl=10, on_busy="wait", queued_ttl=30)
+def debounced(self: object, n: int, value: object, seconds: float = 0.0) -> object:
+    """For send_once(debounce=...): records each run's start, arguments, task id and retries."""
+    request = self.request  # type: ignore[attr-defined]
+    _record.rpush(f"rec:debounce:{n}", repr((time.time(), value, request.id, request.retries)))
+    time.sleep(seconds)
+    return value
+
+
+@app.task(bind=True)
+@single_run(key="latest-fail:{n}", ttl=10, on_busy="rerun", rerun_with="latest")
+def latest_fails(self: object, n: int, version: int, seconds: float, fail: bool) -> int:
+    """Records the version each run got; a failing run's owed rerun must carry the newest one."""
+    _record.rpush(f"rec:latest-fail:{n}", version)
+    time.sleep(seconds)
+    if fail:
+        raise RuntimeError("this run fails")
+    return version
+
+
+@app.task(bind=True)
+@single_run(key="throttled:{n}", ttl=10, on_busy="rerun", min_interval=1.0)
+def throttled(self: object, n: int) -> int:
+    """Records the server-clock fence of each start: starts must be min_interval apart."""
+    lease = current_lease()
+    assert lease is not None
+    _record.rpush(f"rec:throttled:{n}", lease.fence)
+    return lease.fence
+
+
+@app.task(bind=True, max_retries=0)
+@single_run(key="throttled-retry:{n}", ttl=10, on_busy="retry", min_interval=1.0)
+def throttled_retry(self: object, n: int) -> int:
+    lease = current_lease()
+    assert lease is not None
+    _record.rpush(f"rec:throttled-retry:{n}", lease.fence)
+    return lease.fence

@@ -96,8 +96,15 @@ def test_already_running_comes_back_through_the_json_result_backend(app: Celery,
             result.get(timeout=60)
     assert info.value.key == "busy:1"
     # An expected outcome, logged as one INFO line by Celery, not an ERROR with a traceback.
-    log = prefork.log()
-    line = next(ln for ln in log.splitlines() if result.id in ln and "AlreadyRunning" in ln)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the worker's log is written a moment after the result
+        log = prefork.log()
+        lines = [ln for ln in log.splitlines() if result.id in ln and "AlreadyRunning" in ln]
+        if lines:
+            break
+        time.sleep(0.1)
+    assert lines, log[-2000:]
+    line = lines[0]
     assert "INFO" in line and "raised expected" in line, line
     assert f"Task tests.celery_app.raising[{result.id}] raised unexpected" not in log
 
@@ -250,3 +257,44 @@ def test_a_decorated_helper_called_by_a_task_is_not_mistaken_for_the_task(app: C
         result = celery_app.calls_helper.apply_async((3,), queue="helper")
         with pytest.raises(ValueError, match="the helper failed"):
             result.get(timeout=60)
+
+
+def test_a_failing_run_owing_a_latest_rerun_sends_the_newest_arguments(app: Celery, prefork: CeleryWorker,
+                                                                      rec: redis.Redis) -> None:
+    failing = celery_app.latest_fails.delay(1, 1, 0.8, True)
+    deadline = time.monotonic() + 30
+    while not is_running(celery_app.latest_fails, 1) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert celery_app.latest_fails.delay(1, 2, 0.0, False).get(timeout=60) is None
+    assert celery_app.latest_fails.delay(1, 3, 0.0, False).get(timeout=60) is None
+    with pytest.raises(RuntimeError):
+        failing.get(timeout=60)
+    deadline = time.monotonic() + 30
+    while rec.llen("rec:latest-fail:1") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert rec.lrange("rec:latest-fail:1", 0, -1) == ["1", "3"]
+
+
+def test_a_throttle_under_rerun_ends_every_burst_with_one_trailing_run(app: Celery, prefork: CeleryWorker,
+                                                                       rec: redis.Redis) -> None:
+    results = [celery_app.throttled.delay(1) for _ in range(6)]
+    values = [r.get(timeout=60) for r in results]
+    ran = [v for v in values if v is not None]
+    deadline = time.monotonic() + 10
+    while rec.llen("rec:throttled:1") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.5)  # nothing more may come
+    fences = [int(f) for f in rec.lrange("rec:throttled:1", 0, -1)]
+    assert len(ran) >= 1 and len(fences) == 2, fences  # the first, and one trailing run for the others
+    assert fences[1] - fences[0] >= 1_000_000  # starts at least min_interval apart, by Redis's clock
+
+
+def test_a_throttle_under_retry_resends_for_when_the_interval_ends(app: Celery, prefork: CeleryWorker,
+                                                                   rec: redis.Redis) -> None:
+    first = celery_app.throttled_retry.delay(1)
+    first.get(timeout=30)
+    second = celery_app.throttled_retry.delay(1)
+    assert second.get(timeout=30) is not None  # re-sent (not counted against max_retries=0), then ran
+    fences = [int(f) for f in rec.lrange("rec:throttled-retry:1", 0, -1)]
+    assert len(fences) == 2 and fences[1] - fences[0] >= 1_000_000

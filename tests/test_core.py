@@ -445,7 +445,7 @@ def test_a_second_delivery_of_the_holders_own_task_under_rerun_is_not_lost(redis
     reply = single_task._call(client, acquire, key, again, 30_000, "task-1", "2@h", "r", 5000)
     assert reply[0] == 0 and reply[2] == 1  # busy, and it is our own task: wait for the hand-off
     assert r.hget("single_task:{own}", "r") == "1"
-    assert single_task._call(client, release, key, holder, "c" * 32, 30_000, "e", 2000)[0] == single_task._RERUN
+    assert single_task._call(client, release, key, holder, "c" * 32, 30_000, "e", 0, 2000)[0] == single_task._RERUN
 
 
 def test_a_rerun_holder_whose_release_finds_redis_restarting_still_runs_again(fresh_server: Any) -> None:

@@ -75,7 +75,10 @@ def test_a_waiter_sends_waiting_then_acquired(redis_url: str, seen: list[Any]) -
         time.sleep(0.3)
     waiter.join(10)
     assert done == ["ran"]
-    assert [k for k in kinds(seen, "wait-sig")] == ["busy:waiting", "released", "acquired", "released"]
+    got = kinds(seen, "wait-sig")
+    # The holder's release and the waiter's acquire happen in two threads: either may signal first.
+    assert got[0] == "busy:waiting" and got[-1] == "released"
+    assert sorted(got[1:3]) == ["acquired", "released"]
 
 
 def test_a_rerun_is_an_acquisition_of_its_own(redis_url: str, seen: list[Any]) -> None:
