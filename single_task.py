@@ -1616,8 +1616,10 @@ class _Watchdog:
                 renewer.submit(group)
 
     def _retry_soon(self, lease: Lease) -> None:
+        # Due again in min(ttl/10, 0.5) s: _tick renews a lease a sixth of its ttl before its
+        # renew_at, so that sixth is added, or a server refusing connections is asked in a loop.
         with _state_lock:
-            lease._renew_at = time.monotonic() + min(lease._ttl / 10.0, 0.5)
+            lease._renew_at = time.monotonic() + min(lease._ttl / 10.0, 0.5) + lease._ttl / 6.0
             lease._renewing = False
 
     def _renew(self, node: Any, group: list[Lease]) -> None:

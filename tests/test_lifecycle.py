@@ -437,3 +437,16 @@ def test_a_naive_eta_counts_as_utc_for_the_queued_marker(r: redis.Redis, broker:
     monkeypatch.undo()
     time.tzset()
     assert 100 < left <= 111, left
+
+
+def test_renewal_against_a_server_that_refuses_connections_backs_off(fresh_server: RedisServer,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    ttl = 1.0
+    with caplog.at_level(logging.WARNING, logger="single_task.renew"):
+        with single_run(key="refused", client=fresh_server.url, ttl=ttl) as lease:
+            fresh_server.stop()  # connections are refused from now on
+            time.sleep(1.5)
+            assert lease.lost
+    tries = [r for r in caplog.records if "Could not renew" in r.getMessage()]
+    # One try every min(ttl/10, 0.5) s until the deadline (about 7 within ttl), not a loop.
+    assert 1 <= len(tries) <= 15, len(tries)
