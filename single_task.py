@@ -1002,6 +1002,12 @@ def _call(client: Any, script: str, redis_key: str, *args: Any) -> Any:
 
     A plain ``redis.Redis`` takes the direct path (below); every other client its own ``evalsha``.
     """
+    if _unloaded and script in _unloaded.get(id(client), ()):
+        # The cache was found empty for another script: this one is surely gone too, so it is
+        # sent in full at once rather than after a NOSCRIPT of its own (one extra round trip per
+        # flush, not one per script).
+        _unloaded[id(client)].discard(script)
+        return client.eval(script, 1, redis_key, *args)
     try:
         route = _routes.get(id(client))
         if route is None or route[0]() is not client:
@@ -1013,7 +1019,13 @@ def _call(client: Any, script: str, redis_key: str, *args: Any) -> Any:
                 return _send_direct(pool, route[2], route[3], packed)
         return client.evalsha(_SHA[script], 1, redis_key, *args)
     except redis.exceptions.NoScriptError:
+        if len(_unloaded) >= 1000:  # bounded: a forgotten client pays a NOSCRIPT per script
+            _unloaded.clear()
+        _unloaded[id(client)] = set(_SHA) - {script}
         return client.eval(script, 1, redis_key, *args)
+
+
+_unloaded: dict[int, set[str]] = {}  # client id -> scripts its server has lost since (a restart)
 
 
 # The direct path. redis-py's command layer (the checks, closures and hooks around every command)
@@ -1552,10 +1564,16 @@ class _Watchdog:
         self._wake_at = math.inf
         self._running = False
         self._pid = os.getpid()
+        # With nothing to renew it still wakes this often (the shortest renewal period seen, at
+        # least 0.5 s), so that a new lease is due no earlier than the wake-up already planned:
+        # an acquire then adds its lease without waking the thread (a notify per run costs the
+        # run a thread switch).
+        self._period = self._IDLE
 
     def add(self, lease: Lease) -> None:
         with self._cond:
             self._leases[id(lease)] = lease
+            self._period = min(self._period, max(0.5, lease._ttl / 3.0))
             if not self._running:
                 # Started on first use, and again if it ever died (it should not: see _loop).
                 self._running = True
@@ -1591,7 +1609,7 @@ class _Watchdog:
             expired = [le for le in held if le._deadline <= now]
             if not due and not expired:
                 wake = min([le._renew_at for le in held if not le._renewing] + [le._deadline for le in held],
-                           default=now + self._IDLE)
+                           default=now + self._period)
                 self._wake_at = wake
                 self._cond.wait(max(0.0, wake - now))
                 self._wake_at = math.inf
@@ -1881,7 +1899,12 @@ def _client_for_url(url: str) -> Any:
             # would cost two); redis-py's default, up to ten retries with backoff, would hold a
             # release or renewal past the lease it serves.
             retry = Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
-            client = redis.Redis.from_url(url, socket_connect_timeout=5.0, socket_timeout=10.0, retry=retry)
+            options: dict[str, Any] = {"socket_timeout": 10.0, "retry": retry,
+                                       # redis-py < 5.1 retries only the errors listed here too
+                                       "retry_on_error": [redis.exceptions.ConnectionError]}
+            if not url.startswith("unix://"):  # redis-py < 5 refuses it for unix sockets
+                options["socket_connect_timeout"] = 5.0
+            client = redis.Redis.from_url(url, **options)
             _clients[url] = client
         return client
 
