@@ -1811,12 +1811,14 @@ def _after_fork_in_child() -> None:
     # Leases belong to the process that took them: a forked child neither renews, releases nor
     # reports them (they keep the parent's pid), and starts threads of its own when it takes a
     # lease. Locks that a thread of the parent held at the fork would never be released here.
-    global _watchdog, _holder, _callbacks, _state_lock, _clients_lock
+    global _watchdog, _holder, _callbacks, _state_lock, _clients_lock, _routes_lock, _signals_lock
     _watchdog = _Watchdog()
     _callbacks = _Callbacks()
     _holder = _Holder()
     _state_lock = threading.Lock()
     _clients_lock = threading.Lock()
+    _routes_lock = threading.Lock()
+    _signals_lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):

@@ -450,3 +450,29 @@ def test_renewal_against_a_server_that_refuses_connections_backs_off(fresh_serve
     tries = [r for r in caplog.records if "Could not renew" in r.getMessage()]
     # One try every min(ttl/10, 0.5) s until the deadline (about 7 within ttl), not a loop.
     assert 1 <= len(tries) <= 15, len(tries)
+
+
+def test_a_fork_while_another_thread_is_inside_the_library_does_not_deadlock_the_child(redis_url: str) -> None:
+    out = run_script("""
+        import os, sys, threading, time
+        import redis
+        import single_task
+        from single_task import single_run
+        url = os.environ["URL"]
+        inside = threading.Event()
+        def busy():  # a thread in the middle of the library's bookkeeping when the fork comes
+            with single_task._clients_lock, single_task._state_lock, single_task._routes_lock, \
+                    single_task._signals_lock:
+                inside.set()
+                time.sleep(3)
+        threading.Thread(target=busy, daemon=True).start()
+        inside.wait()
+        pid = os.fork()
+        if pid == 0:
+            single_task.signals.acquired  # made at first use, under its lock
+            with single_run(key="fork-locks", client=redis.Redis.from_url(url)):
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        print(os.waitstatus_to_exitcode(status))
+    """, redis_url, timeout=20)
+    assert out.returncode == 0 and out.stdout.split() == ["0"], out.stdout + out.stderr
