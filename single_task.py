@@ -2,20 +2,23 @@
 
 Usage::
 
-    from single_task import single_run, current_lease
+    from single_task import current_lease, send_once, single_run
 
-    @app.task(bind=True)
-    @single_run(key="sync:{account_id}", ttl=30, on_busy="rerun")
-    def sync_account(self, account_id, full=False):
+    @app.task
+    @single_run(key="sync:{account_id}:{full}", ttl=30, on_busy="rerun")
+    def sync_account(account_id, full=False):
         store.write(account_id, fence=current_lease().fence)
+
+    send_once(sync_account, (42,))  # the producer: at most one message per key waits
 
     with single_run(key="nightly-report", client="redis://localhost:6379/0") as lease:
         write_report(fence=lease.fence)
 
 A run takes a lease in one round trip and gives it back in one more. While it runs, one watchdog
-thread per process renews every lease the process holds; a holder that dies stops renewing and its
-key frees itself within ``ttl``. Each lease carries a fencing token (``lease.fence``) that grows
-with every acquisition of its key, so a store can refuse writes from a holder that lost its lease.
+per process renews every lease the process holds (a renewer thread per Redis node); a holder that
+dies stops renewing and its key frees itself within ``ttl``. Each lease carries a fencing token
+(``lease.fence``) that grows with every acquisition of its key, so a store can refuse writes from
+a holder that lost its lease.
 """
 
 from __future__ import annotations
@@ -219,13 +222,17 @@ class single_run:  # noqa: N801 - used like a function: @single_run(...) and wit
     string, and a busy key raises AlreadyRunning unless ``on_busy="wait"``.
 
     ``client`` is a redis-py client, a ``redis://``/``rediss://``/``unix://`` URL, or None to use
-    ``$SINGLE_TASK_REDIS_URL``, then the current Celery app's Redis broker, then its Redis result
-    backend. ``fail_open=True`` runs the body without a lease (logging a WARNING) when Redis
-    cannot be reached; by default the error propagates and the body does not run.
+    ``$SINGLE_TASK_REDIS_URL``, then the Redis broker (else result backend) of the task's app, the
+    thread's or default app, or the process's one Redis app. ``fail_open=True`` runs the body
+    without a lease (logging a WARNING) when Redis cannot be reached; by default the error
+    propagates and the body does not run.
     ``queued_ttl`` bounds how long a ``send_once`` marker outlives a message that never starts
     (default: the broker's visibility timeout, 1 hour unless configured, plus any countdown).
     ``replicas=N`` makes each acquisition wait (Redis ``WAIT``, at most ``replica_timeout``
     seconds) until N replicas have it, so a failover right after cannot lose it.
+    ``rerun_with="latest"`` (with ``"rerun"``) reruns with the newest busy call's arguments
+    instead of the holder's. ``min_interval`` makes two runs of a key start at least that many
+    seconds apart (the server's clock); a call inside it is busy and follows ``on_busy``.
     """
 
     def __init__(
@@ -286,7 +293,8 @@ class single_run:  # noqa: N801 - used like a function: @single_run(...) and wit
             raise ConfigurationError(f"key must be a str template or a callable, not {type(key).__name__}")
         if isinstance(key, str) and not key:
             raise ConfigurationError("key must not be empty")
-        # The key of a with block, braces undoubled; a malformed template is refused here, with the rule.
+        # The key of a with block, braces undoubled (a malformed template is refused here). This
+        # __init__ is long only because it checks each option in turn.
         self._literal: Optional[str] = _literal_key(key) if isinstance(key, str) else None
         self.key = key
         self._resolved_client: Any = None
@@ -562,7 +570,481 @@ def _send(name: str, sender: str, **named: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# The lease core
+# The lease lifecycle
+# ------------------------------------------------------------------------------------------------
+#
+# A lease is "held" from the moment Redis confirms it, "releasing" while its release is on the way,
+# then "released" or "lost" (which stays): _acquire and _wait make it, _release ends it, _lose
+# reports it lost once. Every change of state happens under _state_lock; the watchdog renews only
+# held leases; and whatever ends a run, a wait or a release -- any exception, an interrupt -- leaves
+# the lease out of "held". The scripts these functions send come after them.
+
+# Release outcomes, as _RELEASE returns them, and the process's own.
+_NOT_OWNER: Final = 0
+_RELEASED: Final = 1
+_RERUN: Final = 2
+_RELEASED_OWED: Final = 3
+_COOLING: Final = 4  # a rerun is owed once min_interval has passed (the lease is still held)
+_UNCONFIRMED: Final = -1  # Redis did not answer the release: the key expires by itself
+_NOT_MINE: Final = -2  # a lease of the parent process, in a forked child: never touched
+# How many times in a row a rerun-policy run takes its key again after finding its lease lost.
+_RETAKES: Final = 3
+_BUSY_CODE: Final = {"rerun": "r", "wait": "w"}  # what a busy acquire asks for; "t": nothing
+# "end": a run returned (run again if a rerun is owed); "abort": it raised; "trail": it returned and
+# the rerun it owed was sent as a task.
+_RELEASE_MODE: Final = {"end": "e", "abort": "a", "trail": "t"}
+
+# The longest single BLPOP of a waiter: it re-polls at least this often, which keeps its place in
+# the queue alive and stays under the socket timeout of the clients built here.
+_WAIT_SLICE: Final = 5.0
+# A key handed to a waiter is held this long (at most its ttl) until the waiter confirms it, so
+# a waiter killed while blocked holds it no longer than that.
+_HANDOFF_MS: Final = 2000
+# A send_once marker is provisional for this long, until the message is published: a check that
+# failed or timed out leaves nothing that blocks the key for longer.
+_PROVISIONAL_MS: Final = 5000
+
+# The states of a lease (Lease._state).
+_HELD: Final = "held"
+_RELEASING: Final = "releasing"
+_RELEASED_STATE: Final = "released"
+_LOST: Final = "lost"
+
+_current: contextvars.ContextVar[Optional[Lease]] = contextvars.ContextVar("single_task_lease", default=None)
+_HOST: Final = socket.gethostname()
+
+
+class _Holder:
+    """Who this process is, as stored in its leases ("pid@host"); renewed in a forked child."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.text = f"{self.pid}@{_HOST}"
+
+
+_holder = _Holder()
+_state_lock = threading.Lock()
+
+
+def _lease_key(prefix: str, key: str) -> str:
+    # The braces make the user key the Redis Cluster hash tag, and every companion key only
+    # appends a suffix, so all of a key's keys share one slot even when the user key contains
+    # braces (Redis hashes from the first '{' to the next '}'). A key starting with '}' would
+    # make that an empty tag, which Redis ignores: such keys are tagged by a digest instead,
+    # and their names start with "}" so they can never equal a name of the first form.
+    if key.startswith("}"):
+        return f"{prefix}}}{{{hashlib.sha1(key.encode()).hexdigest()[:16]}}}{key}"
+    return f"{prefix}{{{key}}}"
+
+
+def _check_key(key: str) -> None:
+    """Refuse a key Redis cannot store as UTF-8 text, or one longer than MAX_KEY_BYTES."""
+    try:
+        size = len(key.encode())
+    except UnicodeEncodeError as exc:
+        raise ConfigurationError(
+            f"key {key!r} is not valid Unicode text ({exc.reason} at position {exc.start}); decode "
+            "the data it came from properly (for file names: os.fsdecode then .encode(errors='replace'))",
+            key,
+        ) from None
+    if size > MAX_KEY_BYTES:
+        raise ConfigurationError(
+            f"key {key[:60]!r}... is {size} bytes; keys are limited to {MAX_KEY_BYTES} bytes "
+            "(build it from an id, not from the data)",
+            key,
+        )
+
+def _in_this_process(lease: Optional[Lease]) -> bool:
+    return lease is not None and lease._pid == _holder.pid
+
+
+class _Throttled(AlreadyRunning):
+    """Inside the library only: the key is free but its minimum interval has not passed, for a
+    policy ("rerun", "retry") that the caller serves by sending a task for when it has."""
+
+    def __init__(self, message: str, key: str, left: float) -> None:
+        super().__init__(message, key)
+        self.left = left
+
+
+def _acquire(spec: single_run, key: str, policy: str, task: Any, client: Any, arguments: str = "",
+             task_id: Optional[str] = None) -> Optional[Lease]:
+    """Take the lease for ``key`` or apply ``policy`` ("skip", "raise", "wait", "retry", "rerun").
+
+    Returns the lease, or None when the call should return without running. ``arguments`` (JSON)
+    go with a rerun request when the newest call's arguments are to win.
+    """
+    _check_key(key)
+    redis_key = _lease_key(spec.prefix, key)
+    parent = _current.get()
+    while parent is not None:
+        if parent.redis_key == redis_key and not parent.fail_open and _in_this_process(parent):
+            raise AlreadyRunning(
+                f"{key!r} is already held by this very run (a nested call with the same key); "
+                "the inner call would wait for itself",
+                key,
+            )
+        parent = parent._parent
+    token = secrets.token_hex(16)
+    if task_id is None:
+        task_id = (getattr(task.request, "id", None) or "") if task is not None else ""
+    holder = {"host": _HOST, "pid": _holder.pid, "task_id": task_id or None}
+    busy = _BUSY_CODE.get(policy, "t")
+    args = (token, spec._ttl_ms, task_id, _holder.text, busy, spec._alive_ms, arguments, spec._every_ms)
+    give_up = math.inf if spec.timeout is None else time.monotonic() + spec.timeout
+    while True:
+        # The deadline is counted from before the request is sent: the server's TTL can only have
+        # started later, so this holder never believes in the lease longer than Redis keeps it.
+        sent = time.monotonic()
+        try:
+            if spec.replicas:
+                reply = _replicated(spec, client, _ACQUIRE, redis_key, token, *args)
+            else:
+                reply = _call(client, _ACQUIRE, redis_key, *args)
+        except redis.RedisError as exc:
+            return _redis_failed(spec, key, client, exc)
+        except BaseException:
+            # Interrupted (a time limit, Ctrl-C) after the request may have reached Redis: if it
+            # took the key, give it back rather than leave it blocked for a ttl.
+            _give_back_quietly(client, redis_key, token, spec._ttl_ms)
+            raise
+        if reply[0] == 1 or len(reply) < 4 or int(reply[3]) != 1:
+            break
+        # Free, but its last run started less than min_interval ago (the server's clock says).
+        left = int(reply[1]) / 1000.0
+        if policy != "wait" or sent + left > give_up:
+            _throttled(key, policy, task, left)  # raises, unless it is skipped
+            return None
+        _busy(key, policy, "throttled", task, int(reply[1]))
+        time.sleep(left)
+    if reply[0] == 1:
+        return _held(spec, key, redis_key, token, int(reply[1]), client, sent, holder, task)
+    return _when_busy(spec, key, policy, task, client, redis_key, token, task_id, holder, reply, sent)
+
+
+def _when_busy(spec: single_run, key: str, policy: str, task: Any, client: Any, redis_key: str, token: str,
+               task_id: str, holder: dict[str, Any], reply: Any, sent: float) -> Optional[Lease]:
+    """Apply ``policy`` to a busy key (the acquire's ``reply``, sent at ``sent``)."""
+    pttl, own = int(reply[1]), int(reply[2])
+    if own:
+        # Our own earlier attempt holds the key and is about to release it (self.retry()
+        # publishes before it unwinds): wait for the hand-off rather than skip our own retry.
+        _busy(key, policy, "waiting", task, pttl)
+        lease = _wait(spec, key, client, redis_key, token, task_id, task, holder, spec.ttl, pttl, sent)
+        if lease is not None:
+            return lease
+        if policy == "wait":
+            sent = time.monotonic()
+    if policy == "wait":
+        if not own:
+            _busy(key, policy, "waiting", task, pttl)
+        lease = _wait(spec, key, client, redis_key, token, task_id, task, holder, spec.timeout, pttl, sent)
+        if lease is not None:
+            return lease
+        raise AlreadyRunning(f"{key!r} is still held after waiting {spec.timeout}s", key)
+    if policy == "rerun":
+        log_acquire.info("Busy %r: the holder will run again after its current run", key)
+        _busy(key, policy, "rerun_requested", task, pttl)
+        return None
+    if policy == "skip":
+        log_acquire.info("Busy %r: skipped (%d ms left on the holder's lease)", key, pttl)
+        _busy(key, policy, "skipped", task, pttl)
+        return None
+    if policy != "retry":  # "retry" is reported by the caller, once the retry is sent
+        _busy(key, policy, "raised", task, pttl)
+    raise AlreadyRunning(f"{key!r} is already running (the holder's lease has {pttl} ms left)", key)
+
+
+def _throttled(key: str, policy: str, task: Any, left: float) -> None:
+    """Apply ``policy`` to a call refused by the minimum interval (``left`` seconds to go)."""
+    _busy(key, policy, "throttled", task, int(left * 1000))
+    if policy == "skip":
+        log_acquire.info("Throttled %r: skipped (%.2fs of its min_interval left)", key, left)
+        return
+    message = f"{key!r} ran less than min_interval ago: {left:.2f}s left"
+    if policy in ("rerun", "retry"):
+        raise _Throttled(message, key, left)
+    raise AlreadyRunning(message + ("" if policy == "raise" else f" (waited {policy})"), key)
+
+
+def _busy(key: str, policy: str, action: str, task: Any, pttl_ms: int) -> None:
+    _send("busy", key, policy=policy, action=action, task=task, time_left=max(0, pttl_ms) / 1000.0)
+
+
+def _held(spec: single_run, key: str, redis_key: str, token: str, fence: int, client: Any, sent: float,
+          holder: dict[str, Any], task: Any, provisional: bool = False) -> Lease:
+    """A lease just confirmed by Redis (the request sent at ``sent``): held, and renewed from now on.
+
+    ``provisional``: handed over by a releaser for at most _HANDOFF_MS; renewed at once.
+    """
+    lasts = min(spec.ttl, _HANDOFF_MS / 1000.0) if provisional else spec.ttl
+    lease = Lease(key, redis_key, token, fence, spec.ttl, client, sent + lasts, holder, spec.on_lost)
+    if provisional:
+        lease._renew_at = sent
+    lease._task = task
+    lease._every_ms = spec._every_ms
+    _watchdog.add(lease)
+    log_acquire.debug("Acquired %r fence=%s", key, fence)
+    _send("acquired", key, lease=lease, task=task)
+    return lease
+
+
+def _give_back_quietly(client: Any, redis_key: str, token: str, ttl_ms: int) -> None:
+    # Best effort on the way out of an interrupted call: if this does not get through either,
+    # what it would remove expires by itself.
+    with contextlib.suppress(Exception):
+        _call(client, _LEAVE, redis_key, token, "", ttl_ms, "0", _HANDOFF_MS)
+
+
+def _alive_ms(ttl: float) -> int:
+    # How long a waiter's place stays valid without news from it: two wait slices and a second.
+    return int(2000 * min(ttl / 4.0, _WAIT_SLICE) + 1000)
+
+
+def _wait(
+    spec: single_run,
+    key: str,
+    client: Any,
+    redis_key: str,
+    token: str,
+    task_id: str,
+    task: Any,
+    holder: dict[str, Any],
+    timeout: Optional[float],
+    pttl_ms: int,
+    sent: float,
+) -> Optional[Lease]:
+    """Block until the releasing holder hands us the key; None after ``timeout`` seconds.
+
+    The caller already joined the queue (same round trip as the failed acquire). Each BLPOP is
+    bounded by the holder's remaining TTL, so a holder that died is noticed when its lease runs
+    out, and by a slice short enough to keep our place in the queue marked alive. However the
+    wait ends -- a time limit, Ctrl-C, a lost connection -- it leaves the queue, and gives back a
+    key handed to it that it will not use. (One loop, kept whole: its exits are the point.)
+    """
+    handoff = redis_key + ":h:" + token
+    slice_cap = min(spec.ttl / 4.0, _WAIT_SLICE, _socket_budget(client))
+    end = math.inf if timeout is None else sent + timeout
+    try:
+        while True:
+            now = time.monotonic()
+            if now >= end:
+                # Leaving and learning whether the key came just now is one step: a key handed
+                # over at the last moment is kept (and run), not dropped with a rerun it may owe.
+                sent = time.monotonic()
+                reply = _call(client, _LEAVE, redis_key, token, task_id, spec._ttl_ms, "1", _HANDOFF_MS)
+                if reply[0] != 1:
+                    return None
+                fence = int(reply[1])
+                break
+            block = max(0.01, min(slice_cap, pttl_ms / 1000.0 + 0.002, end - now))
+            asked = time.monotonic()
+            got = client.blpop([handoff], timeout=block)
+            sent = time.monotonic()
+            if got is not None and not spec.replicas:
+                # Handed over provisionally (for _HANDOFF_MS, counted from before we asked): the
+                # run starts at once, and the watchdog confirms the lease for a full ttl right away.
+                log_acquire.debug("Acquired %r by hand-off", key)
+                return _held(spec, key, redis_key, token, int(got[1]), client, asked, holder, task, provisional=True)
+            if got is not None:
+                # With replicas, confirmed first, and that write waited for: a confirmation that
+                # comes too late finds the key gone, and the wait goes on.
+                confirmed = _replicated(spec, client, _RENEW, redis_key, token, token, spec._ttl_ms)
+                if int(confirmed) == 1:
+                    fence = int(got[1])
+                    break
+            args = (token, spec._ttl_ms, task_id, _holder.text, "w", spec._alive_ms, "", spec._every_ms)
+            reply = _call(client, _ACQUIRE, redis_key, *args)
+            if reply[0] != 1 and len(reply) > 3 and int(reply[3]) == 1:
+                pttl_ms = min(int(reply[1]), 50)  # free, inside its interval: look again soon
+                time.sleep(int(reply[1]) / 1000.0)
+                continue
+            if reply[0] == 1:
+                fence = int(reply[1])
+                break
+            pttl_ms = int(reply[1])
+    except redis.RedisError as exc:
+        _give_back_quietly(client, redis_key, token, spec._ttl_ms)
+        raise RedisUnavailable(f"lost touch with Redis while waiting for {key!r}: {exc}", key) from exc
+    except BaseException:
+        _give_back_quietly(client, redis_key, token, spec._ttl_ms)
+        raise
+    log_acquire.debug("Acquired %r by hand-off", key)
+    return _held(spec, key, redis_key, token, fence, client, sent, holder, task)
+
+
+def _replicated(spec: single_run, client: Any, script: str, redis_key: str, token: str, *args: Any) -> Any:
+    """Run a script and ``WAIT`` for ``spec.replicas`` replicas in the same round trip.
+
+    A lease taken but not acknowledged in time is given back, and the run fails closed.
+    """
+    # WAIT counts the replicas that have this connection's writes, so both go to the node that
+    # owns the key (on a cluster, the client of that one node) in one pipeline.
+    node = _node_client(client, redis_key)
+    pipe = node.pipeline(transaction=False)
+    pipe.evalsha(_SHA[script], 1, redis_key, *args)
+    pipe.execute_command("WAIT", spec.replicas, int(spec.replica_timeout * 1000))
+    reply, acked = pipe.execute(raise_on_error=False)
+    if isinstance(reply, redis.exceptions.NoScriptError):
+        reply = _call(node, script, redis_key, *args)
+        acked = node.execute_command("WAIT", spec.replicas, int(spec.replica_timeout * 1000))
+    for result in (reply, acked):
+        if isinstance(result, Exception):
+            raise result
+    took = reply == 1 if script == _RENEW else reply[0] == 1
+    if int(acked) < spec.replicas and took:
+        _call(client, _RELEASE, redis_key, token, "", spec._ttl_ms, "a", 0, _HANDOFF_MS)
+        raise redis.exceptions.ConnectionError(
+            f"only {acked} of {spec.replicas} replica(s) acknowledged the lease within {spec.replica_timeout}s"
+        )
+    return reply
+
+
+def _node_client(client: Any, redis_key: str) -> Any:
+    """The client to pipeline scripts for ``redis_key`` through: on a Redis Cluster the plain
+    client of the node that owns its slot (redis-py's cluster pipeline refuses EVALSHA)."""
+    get_node = getattr(client, "get_node_from_key", None)
+    if get_node is None:
+        return client
+    return client.get_redis_connection(get_node(redis_key))
+
+
+def _socket_budget(client: Any) -> float:
+    # A BLPOP longer than the client's socket timeout would fail with TimeoutError.
+    try:
+        socket_timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
+    except AttributeError:
+        return _WAIT_SLICE
+    return _WAIT_SLICE if not socket_timeout else max(0.05, float(socket_timeout) * 0.8)
+
+
+def _release(lease: Lease, mode: str, warn: bool = True) -> int:
+    """Give the lease back (owner-checked); returns one of the _RELEASED... outcomes.
+
+    ``mode`` "end" (a run returned: run again if a rerun is owed) or "abort". Whatever stops the
+    release (an error of any kind, an interrupt), the lease leaves "held" first, so the watchdog
+    stops renewing it and the key expires within its ttl; a Redis error is logged and reported as
+    _UNCONFIRMED, anything else propagates once the lease is consistent. (Every outcome of the
+    release script is handled here, so that the lifecycle's transitions stay in one place.)
+    """
+    if lease.fail_open:
+        return _RELEASED
+    if not _in_this_process(lease):
+        return _NOT_MINE  # a forked child: the lease, and the token it inherited, are its parent's
+    with _state_lock:
+        if lease._state == _HELD:
+            lease._state = _RELEASING
+    if mode == "end" and not lease._next_token:
+        # Kept until a release is answered, so that one repeated after no answer asks for the
+        # same rerun token and recognises a rerun its first attempt was granted.
+        lease._next_token = secrets.token_hex(16)
+    next_token = lease._next_token if mode == "end" else ""
+    sent = time.monotonic()
+    try:
+        reply = _call(lease._client, _RELEASE, lease.redis_key, lease._token, next_token, int(lease._ttl * 1000),
+                      _RELEASE_MODE[mode], lease._every_ms, _HANDOFF_MS)
+    except BaseException as exc:
+        _settle(lease, _RELEASED_STATE)
+        if not isinstance(exc, redis.RedisError):
+            raise
+        _send("released", lease.key, lease=lease, task=lease._task, confirmed=False)
+        if warn:
+            log_release.warning(
+                "Could not release %r (%s); it expires by itself within %.1fs", lease.key, exc, lease.time_left
+            )
+        return _UNCONFIRMED
+    outcome = int(reply[0])
+    if outcome in (_RERUN, _RELEASED_OWED, _COOLING):
+        # The arguments of the newest call, when they are to win (rerun_with="latest").
+        at = 1 if outcome == _RELEASED_OWED else 2
+        lease._rerun_args = _text(reply[at]) if len(reply) > at and reply[at] else None
+    if outcome == _COOLING:
+        # A rerun is owed, but not before min_interval has passed since the last start.
+        with _state_lock:
+            if lease._state == _RELEASING:
+                lease._state = _HELD
+        lease._cooling = int(reply[1]) / 1000.0
+        return _COOLING
+    if outcome == _RERUN:
+        # A new acquisition: a new token and a larger fence, confirmed from when it was asked for.
+        with _state_lock:
+            lease._token, lease._next_token = next_token, ""
+            lease.fence = int(reply[1])
+            lease.acquired_at = time.time()
+            lease._deadline = sent + lease._ttl
+            lease._renew_at = sent + lease._ttl / 3.0
+            lease._state = _HELD
+        _watchdog.add(lease)
+        _send("acquired", lease.key, lease=lease, task=lease._task)
+        return _RERUN
+    if outcome == _NOT_OWNER:
+        _lose(lease, "at release the key was gone or held by another owner")
+    elif time.monotonic() >= lease._deadline:
+        _lose(lease, "the run outlived the lease's confirmed deadline")
+    else:
+        log_release.debug("Released %r", lease.key)
+    _settle(lease, _RELEASED_STATE)
+    if outcome != _NOT_OWNER:
+        _send("released", lease.key, lease=lease, task=lease._task, confirmed=True)
+    return outcome
+
+
+def _settle(lease: Lease, state: str) -> None:
+    """Move a lease out of "held" for good ("released", or "lost" which stays); drop it from renewal."""
+    with _state_lock:
+        if lease._state != _LOST:
+            lease._state = state
+    _watchdog.discard(lease)
+
+
+def _lose(lease: Lease, reason: str, from_watchdog: bool = False) -> None:
+    """Mark the lease lost and report it once: a WARNING and the user's on_lost callback.
+
+    From the watchdog the callback runs on a thread of its own, so that a callback that blocks
+    or raises (even SystemExit) can never stop renewal; at release it runs in the caller's thread.
+    """
+    with _state_lock:
+        if lease._state == _LOST:
+            return
+        lease._state = _LOST
+    _watchdog.discard(lease)
+    log_renew.warning("Lease on %r (fence %s) was lost: %s", lease.key, lease.fence, reason)
+    if from_watchdog:
+        if lease._on_lost is not None or _signals is not None:
+            _callbacks.put((lease, reason))
+        return
+    _send("lost", lease.key, lease=lease, task=lease._task, reason=reason)
+    if lease._on_lost is None:
+        return
+    try:
+        lease._on_lost(lease)
+    except Exception:
+        log_renew.exception("on_lost callback for %r raised", lease.key)
+
+
+def _redis_failed(spec: single_run, key: str, client: Any, exc: Exception) -> Optional[Lease]:
+    if "unknown command" in str(exc).lower() and type(client).__module__.startswith("fakeredis"):
+        raise ConfigurationError(
+            f"fakeredis cannot run the scripts of single_run for {key!r} ({exc}): install its Lua "
+            "support with pip install 'fakeredis[lua]'",
+            key,
+        ) from exc
+    # fail_open is for an outage. Redis refusing the credentials or a command is a configuration
+    # that will not heal by itself: running unlocked would hide it, so that always fails closed.
+    outage = isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)) and not isinstance(
+        exc, (redis.exceptions.AuthenticationError, getattr(redis.exceptions, "AuthorizationError", ()))
+    )
+    if not spec.fail_open or not outage:
+        raise RedisUnavailable(
+            f"could not take the lease for {key!r}, so it did not run: {type(exc).__name__}: {exc}", key
+        ) from exc
+    log_acquire.warning("Redis failed (%s); running %r WITHOUT a lease (fail_open=True)", exc, key)
+    holder = {"host": _HOST, "pid": _holder.pid, "task_id": None}
+    return Lease(key, _lease_key(spec.prefix, key), "", 0, spec.ttl, None, math.inf, holder, None, fail_open=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# The scripts: one per operation, each a constant with its guarantee above it
 # ------------------------------------------------------------------------------------------------
 #
 # A lease in Redis is a hash at ``P{key}``: t (owner token), f (fence), i (Celery task id), h
@@ -919,83 +1401,6 @@ _SHA: Final = {body: hashlib.sha1(body.encode()).hexdigest() for body in
                (_ACQUIRE, _RENEW, _RELEASE, _LEAVE, _FORCE, _MARK, _CONFIRM, _TRAIL,
                 _DEBOUNCE, _DEBOUNCE_SENT, _DEBOUNCE_START)}
 
-# Release outcomes, as _RELEASE returns them, and the process's own.
-_NOT_OWNER: Final = 0
-_RELEASED: Final = 1
-_RERUN: Final = 2
-_RELEASED_OWED: Final = 3
-_COOLING: Final = 4  # a rerun is owed once min_interval has passed (the lease is still held)
-_UNCONFIRMED: Final = -1  # Redis did not answer the release: the key expires by itself
-_NOT_MINE: Final = -2  # a lease of the parent process, in a forked child: never touched
-# How many times in a row a rerun-policy run takes its key again after finding its lease lost.
-_RETAKES: Final = 3
-_BUSY_CODE: Final = {"rerun": "r", "wait": "w"}  # what a busy acquire asks for; "t": nothing
-# "end": a run returned (run again if a rerun is owed); "abort": it raised; "trail": it returned and
-# the rerun it owed was sent as a task.
-_RELEASE_MODE: Final = {"end": "e", "abort": "a", "trail": "t"}
-
-# The longest single BLPOP of a waiter: it re-polls at least this often, which keeps its place in
-# the queue alive and stays under the socket timeout of the clients built here.
-_WAIT_SLICE: Final = 5.0
-# A key handed to a waiter is held this long (at most its ttl) until the waiter confirms it, so
-# a waiter killed while blocked holds it no longer than that.
-_HANDOFF_MS: Final = 2000
-# A send_once marker is provisional for this long, until the message is published: a check that
-# failed or timed out leaves nothing that blocks the key for longer.
-_PROVISIONAL_MS: Final = 5000
-
-# The lease lifecycle. Every change of Lease._state happens under _state_lock, in one of the
-# functions below; the watchdog renews only held leases, and every way out of a run or a with
-# block moves its lease out of "held".
-_HELD: Final = "held"
-_RELEASING: Final = "releasing"
-_RELEASED_STATE: Final = "released"
-_LOST: Final = "lost"
-
-_current: contextvars.ContextVar[Optional[Lease]] = contextvars.ContextVar("single_task_lease", default=None)
-_HOST: Final = socket.gethostname()
-
-
-class _Holder:
-    """Who this process is, as stored in its leases ("pid@host"); renewed in a forked child."""
-
-    def __init__(self) -> None:
-        self.pid = os.getpid()
-        self.text = f"{self.pid}@{_HOST}"
-
-
-_holder = _Holder()
-_state_lock = threading.Lock()
-
-
-def _lease_key(prefix: str, key: str) -> str:
-    # The braces make the user key the Redis Cluster hash tag, and every companion key only
-    # appends a suffix, so all of a key's keys share one slot even when the user key contains
-    # braces (Redis hashes from the first '{' to the next '}'). A key starting with '}' would
-    # make that an empty tag, which Redis ignores: such keys are tagged by a digest instead,
-    # and their names start with "}" so they can never equal a name of the first form.
-    if key.startswith("}"):
-        return f"{prefix}}}{{{hashlib.sha1(key.encode()).hexdigest()[:16]}}}{key}"
-    return f"{prefix}{{{key}}}"
-
-
-def _check_key(key: str) -> None:
-    """Refuse a key Redis cannot store as UTF-8 text, or one longer than MAX_KEY_BYTES."""
-    try:
-        size = len(key.encode())
-    except UnicodeEncodeError as exc:
-        raise ConfigurationError(
-            f"key {key!r} is not valid Unicode text ({exc.reason} at position {exc.start}); decode "
-            "the data it came from properly (for file names: os.fsdecode then .encode(errors='replace'))",
-            key,
-        ) from None
-    if size > MAX_KEY_BYTES:
-        raise ConfigurationError(
-            f"key {key[:60]!r}... is {size} bytes; keys are limited to {MAX_KEY_BYTES} bytes "
-            "(build it from an id, not from the data)",
-            key,
-        )
-
 
 def _call(client: Any, script: str, redis_key: str, *args: Any) -> Any:
     """Run a script by SHA; after a Redis restart emptied the cache, send it once in full.
@@ -1163,386 +1568,10 @@ def _dropped(conn: Any, error: Exception) -> None:
         raise error
 
 
-def _in_this_process(lease: Optional[Lease]) -> bool:
-    return lease is not None and lease._pid == _holder.pid
 
-
-class _Throttled(AlreadyRunning):
-    """Inside the library only: the key is free but its minimum interval has not passed, for a
-    policy ("rerun", "retry") that the caller serves by sending a task for when it has."""
-
-    def __init__(self, message: str, key: str, left: float) -> None:
-        super().__init__(message, key)
-        self.left = left
-
-
-def _acquire(spec: single_run, key: str, policy: str, task: Any, client: Any, arguments: str = "",
-             task_id: Optional[str] = None) -> Optional[Lease]:
-    """Take the lease for ``key`` or apply ``policy`` ("skip", "raise", "wait", "retry", "rerun").
-
-    Returns the lease, or None when the call should return without running. ``arguments`` (JSON)
-    go with a rerun request when the newest call's arguments are to win.
-    """
-    _check_key(key)
-    redis_key = _lease_key(spec.prefix, key)
-    parent = _current.get()
-    while parent is not None:
-        if parent.redis_key == redis_key and not parent.fail_open and _in_this_process(parent):
-            raise AlreadyRunning(
-                f"{key!r} is already held by this very run (a nested call with the same key); "
-                "the inner call would wait for itself",
-                key,
-            )
-        parent = parent._parent
-    token = secrets.token_hex(16)
-    if task_id is None:
-        task_id = (getattr(task.request, "id", None) or "") if task is not None else ""
-    holder = {"host": _HOST, "pid": _holder.pid, "task_id": task_id or None}
-    busy = _BUSY_CODE.get(policy, "t")
-    args = (token, spec._ttl_ms, task_id, _holder.text, busy, spec._alive_ms, arguments, spec._every_ms)
-    give_up = math.inf if spec.timeout is None else time.monotonic() + spec.timeout
-    while True:
-        # The deadline is counted from before the request is sent: the server's TTL can only have
-        # started later, so this holder never believes in the lease longer than Redis keeps it.
-        sent = time.monotonic()
-        try:
-            if spec.replicas:
-                reply = _replicated(spec, client, _ACQUIRE, redis_key, token, *args)
-            else:
-                reply = _call(client, _ACQUIRE, redis_key, *args)
-        except redis.RedisError as exc:
-            return _redis_failed(spec, key, client, exc)
-        except BaseException:
-            # Interrupted (a time limit, Ctrl-C) after the request may have reached Redis: if it
-            # took the key, give it back rather than leave it blocked for a ttl.
-            _give_back_quietly(client, redis_key, token, spec._ttl_ms)
-            raise
-        if reply[0] == 1 or len(reply) < 4 or int(reply[3]) != 1:
-            break
-        # Free, but its last run started less than min_interval ago (the server's clock says).
-        left = int(reply[1]) / 1000.0
-        if policy != "wait" or sent + left > give_up:
-            _throttled(key, policy, task, left)  # raises, unless it is skipped
-            return None
-        _busy(key, policy, "throttled", task, int(reply[1]))
-        time.sleep(left)
-    if reply[0] == 1:
-        return _held(spec, key, redis_key, token, int(reply[1]), client, sent, holder, task)
-    pttl, own = int(reply[1]), int(reply[2])
-    if own:
-        # Our own earlier attempt holds the key and is about to release it (self.retry()
-        # publishes before it unwinds): wait for the hand-off rather than skip our own retry.
-        _busy(key, policy, "waiting", task, pttl)
-        lease = _wait(spec, key, client, redis_key, token, task_id, task, holder, spec.ttl, pttl, sent)
-        if lease is not None:
-            return lease
-        if policy == "wait":
-            sent = time.monotonic()
-    if policy == "wait":
-        if not own:
-            _busy(key, policy, "waiting", task, pttl)
-        lease = _wait(spec, key, client, redis_key, token, task_id, task, holder, spec.timeout, pttl, sent)
-        if lease is not None:
-            return lease
-        raise AlreadyRunning(f"{key!r} is still held after waiting {spec.timeout}s", key)
-    if policy == "rerun":
-        log_acquire.info("Busy %r: the holder will run again after its current run", key)
-        _busy(key, policy, "rerun_requested", task, pttl)
-        return None
-    if policy == "skip":
-        log_acquire.info("Busy %r: skipped (%d ms left on the holder's lease)", key, pttl)
-        _busy(key, policy, "skipped", task, pttl)
-        return None
-    if policy != "retry":  # "retry" is reported by the caller, once the retry is sent
-        _busy(key, policy, "raised", task, pttl)
-    raise AlreadyRunning(f"{key!r} is already running (the holder's lease has {pttl} ms left)", key)
-
-
-def _throttled(key: str, policy: str, task: Any, left: float) -> None:
-    """Apply ``policy`` to a call refused by the minimum interval (``left`` seconds to go)."""
-    _busy(key, policy, "throttled", task, int(left * 1000))
-    if policy == "skip":
-        log_acquire.info("Throttled %r: skipped (%.2fs of its min_interval left)", key, left)
-        return
-    message = f"{key!r} ran less than min_interval ago: {left:.2f}s left"
-    if policy in ("rerun", "retry"):
-        raise _Throttled(message, key, left)
-    raise AlreadyRunning(message + ("" if policy == "raise" else f" (waited {policy})"), key)
-
-
-def _busy(key: str, policy: str, action: str, task: Any, pttl_ms: int) -> None:
-    _send("busy", key, policy=policy, action=action, task=task, time_left=max(0, pttl_ms) / 1000.0)
-
-
-def _held(spec: single_run, key: str, redis_key: str, token: str, fence: int, client: Any, sent: float,
-          holder: dict[str, Any], task: Any, provisional: bool = False) -> Lease:
-    """A lease just confirmed by Redis (the request sent at ``sent``): held, and renewed from now on.
-
-    ``provisional``: handed over by a releaser for at most _HANDOFF_MS; renewed at once.
-    """
-    lasts = min(spec.ttl, _HANDOFF_MS / 1000.0) if provisional else spec.ttl
-    lease = Lease(key, redis_key, token, fence, spec.ttl, client, sent + lasts, holder, spec.on_lost)
-    if provisional:
-        lease._renew_at = sent
-    lease._task = task
-    lease._every_ms = spec._every_ms
-    _watchdog.add(lease)
-    log_acquire.debug("Acquired %r fence=%s", key, fence)
-    _send("acquired", key, lease=lease, task=task)
-    return lease
-
-
-def _give_back_quietly(client: Any, redis_key: str, token: str, ttl_ms: int) -> None:
-    # Best effort on the way out of an interrupted call: if this does not get through either,
-    # what it would remove expires by itself.
-    with contextlib.suppress(Exception):
-        _call(client, _LEAVE, redis_key, token, "", ttl_ms, "0", _HANDOFF_MS)
-
-
-def _alive_ms(ttl: float) -> int:
-    # How long a waiter's place stays valid without news from it: two wait slices and a second.
-    return int(2000 * min(ttl / 4.0, _WAIT_SLICE) + 1000)
-
-
-def _wait(
-    spec: single_run,
-    key: str,
-    client: Any,
-    redis_key: str,
-    token: str,
-    task_id: str,
-    task: Any,
-    holder: dict[str, Any],
-    timeout: Optional[float],
-    pttl_ms: int,
-    sent: float,
-) -> Optional[Lease]:
-    """Block until the releasing holder hands us the key; None after ``timeout`` seconds.
-
-    The caller already joined the queue (same round trip as the failed acquire). Each BLPOP is
-    bounded by the holder's remaining TTL, so a holder that died is noticed when its lease runs
-    out, and by a slice short enough to keep our place in the queue marked alive. However the
-    wait ends -- a time limit, Ctrl-C, a lost connection -- it leaves the queue, and gives back a
-    key handed to it that it will not use.
-    """
-    handoff = redis_key + ":h:" + token
-    slice_cap = min(spec.ttl / 4.0, _WAIT_SLICE, _socket_budget(client))
-    end = math.inf if timeout is None else sent + timeout
-    try:
-        while True:
-            now = time.monotonic()
-            if now >= end:
-                # Leaving and learning whether the key came just now is one step: a key handed
-                # over at the last moment is kept (and run), not dropped with a rerun it may owe.
-                sent = time.monotonic()
-                reply = _call(client, _LEAVE, redis_key, token, task_id, spec._ttl_ms, "1", _HANDOFF_MS)
-                if reply[0] != 1:
-                    return None
-                fence = int(reply[1])
-                break
-            block = max(0.01, min(slice_cap, pttl_ms / 1000.0 + 0.002, end - now))
-            asked = time.monotonic()
-            got = client.blpop([handoff], timeout=block)
-            sent = time.monotonic()
-            if got is not None and not spec.replicas:
-                # Handed over provisionally (for _HANDOFF_MS, counted from before we asked): the
-                # run starts at once, and the watchdog confirms the lease for a full ttl right away.
-                log_acquire.debug("Acquired %r by hand-off", key)
-                return _held(spec, key, redis_key, token, int(got[1]), client, asked, holder, task, provisional=True)
-            if got is not None:
-                # With replicas, confirmed first, and that write waited for: a confirmation that
-                # comes too late finds the key gone, and the wait goes on.
-                confirmed = _replicated(spec, client, _RENEW, redis_key, token, token, spec._ttl_ms)
-                if int(confirmed) == 1:
-                    fence = int(got[1])
-                    break
-            args = (token, spec._ttl_ms, task_id, _holder.text, "w", spec._alive_ms, "", spec._every_ms)
-            reply = _call(client, _ACQUIRE, redis_key, *args)
-            if reply[0] != 1 and len(reply) > 3 and int(reply[3]) == 1:
-                pttl_ms = min(int(reply[1]), 50)  # free, inside its interval: look again soon
-                time.sleep(int(reply[1]) / 1000.0)
-                continue
-            if reply[0] == 1:
-                fence = int(reply[1])
-                break
-            pttl_ms = int(reply[1])
-    except redis.RedisError as exc:
-        _give_back_quietly(client, redis_key, token, spec._ttl_ms)
-        raise RedisUnavailable(f"lost touch with Redis while waiting for {key!r}: {exc}", key) from exc
-    except BaseException:
-        _give_back_quietly(client, redis_key, token, spec._ttl_ms)
-        raise
-    log_acquire.debug("Acquired %r by hand-off", key)
-    return _held(spec, key, redis_key, token, fence, client, sent, holder, task)
-
-
-def _replicated(spec: single_run, client: Any, script: str, redis_key: str, token: str, *args: Any) -> Any:
-    """Run a script and ``WAIT`` for ``spec.replicas`` replicas in the same round trip.
-
-    A lease taken but not acknowledged in time is given back, and the run fails closed.
-    """
-    # WAIT counts the replicas that have this connection's writes, so both go to the node that
-    # owns the key (on a cluster, the client of that one node) in one pipeline.
-    node = _node_client(client, redis_key)
-    pipe = node.pipeline(transaction=False)
-    pipe.evalsha(_SHA[script], 1, redis_key, *args)
-    pipe.execute_command("WAIT", spec.replicas, int(spec.replica_timeout * 1000))
-    reply, acked = pipe.execute(raise_on_error=False)
-    if isinstance(reply, redis.exceptions.NoScriptError):
-        reply = _call(node, script, redis_key, *args)
-        acked = node.execute_command("WAIT", spec.replicas, int(spec.replica_timeout * 1000))
-    for result in (reply, acked):
-        if isinstance(result, Exception):
-            raise result
-    took = reply == 1 if script == _RENEW else reply[0] == 1
-    if int(acked) < spec.replicas and took:
-        _call(client, _RELEASE, redis_key, token, "", spec._ttl_ms, "a", 0, _HANDOFF_MS)
-        raise redis.exceptions.ConnectionError(
-            f"only {acked} of {spec.replicas} replica(s) acknowledged the lease within {spec.replica_timeout}s"
-        )
-    return reply
-
-
-def _node_client(client: Any, redis_key: str) -> Any:
-    """The client to pipeline scripts for ``redis_key`` through: on a Redis Cluster the plain
-    client of the node that owns its slot (redis-py's cluster pipeline refuses EVALSHA)."""
-    get_node = getattr(client, "get_node_from_key", None)
-    if get_node is None:
-        return client
-    return client.get_redis_connection(get_node(redis_key))
-
-
-def _socket_budget(client: Any) -> float:
-    # A BLPOP longer than the client's socket timeout would fail with TimeoutError.
-    try:
-        socket_timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
-    except AttributeError:
-        return _WAIT_SLICE
-    return _WAIT_SLICE if not socket_timeout else max(0.05, float(socket_timeout) * 0.8)
-
-
-def _release(lease: Lease, mode: str, warn: bool = True) -> int:
-    """Give the lease back (owner-checked); returns one of the _RELEASED... outcomes.
-
-    ``mode`` "end" (a run returned: run again if a rerun is owed) or "abort". Whatever stops the
-    release (an error of any kind, an interrupt), the lease leaves "held" first, so the watchdog
-    stops renewing it and the key expires within its ttl; a Redis error is logged and reported as
-    _UNCONFIRMED, anything else propagates once the lease is consistent.
-    """
-    if lease.fail_open:
-        return _RELEASED
-    if not _in_this_process(lease):
-        return _NOT_MINE  # a forked child: the lease, and the token it inherited, are its parent's
-    with _state_lock:
-        if lease._state == _HELD:
-            lease._state = _RELEASING
-    if mode == "end" and not lease._next_token:
-        # Kept until a release is answered, so that one repeated after no answer asks for the
-        # same rerun token and recognises a rerun its first attempt was granted.
-        lease._next_token = secrets.token_hex(16)
-    next_token = lease._next_token if mode == "end" else ""
-    sent = time.monotonic()
-    try:
-        reply = _call(lease._client, _RELEASE, lease.redis_key, lease._token, next_token, int(lease._ttl * 1000),
-                      _RELEASE_MODE[mode], lease._every_ms, _HANDOFF_MS)
-    except BaseException as exc:
-        _settle(lease, _RELEASED_STATE)
-        if not isinstance(exc, redis.RedisError):
-            raise
-        _send("released", lease.key, lease=lease, task=lease._task, confirmed=False)
-        if warn:
-            log_release.warning(
-                "Could not release %r (%s); it expires by itself within %.1fs", lease.key, exc, lease.time_left
-            )
-        return _UNCONFIRMED
-    outcome = int(reply[0])
-    if outcome in (_RERUN, _RELEASED_OWED, _COOLING):
-        # The arguments of the newest call, when they are to win (rerun_with="latest").
-        at = 1 if outcome == _RELEASED_OWED else 2
-        lease._rerun_args = _text(reply[at]) if len(reply) > at and reply[at] else None
-    if outcome == _COOLING:
-        # A rerun is owed, but not before min_interval has passed since the last start.
-        with _state_lock:
-            if lease._state == _RELEASING:
-                lease._state = _HELD
-        lease._cooling = int(reply[1]) / 1000.0
-        return _COOLING
-    if outcome == _RERUN:
-        # A new acquisition: a new token and a larger fence, confirmed from when it was asked for.
-        with _state_lock:
-            lease._token, lease._next_token = next_token, ""
-            lease.fence = int(reply[1])
-            lease.acquired_at = time.time()
-            lease._deadline = sent + lease._ttl
-            lease._renew_at = sent + lease._ttl / 3.0
-            lease._state = _HELD
-        _watchdog.add(lease)
-        _send("acquired", lease.key, lease=lease, task=lease._task)
-        return _RERUN
-    if outcome == _NOT_OWNER:
-        _lose(lease, "at release the key was gone or held by another owner")
-    elif time.monotonic() >= lease._deadline:
-        _lose(lease, "the run outlived the lease's confirmed deadline")
-    else:
-        log_release.debug("Released %r", lease.key)
-    _settle(lease, _RELEASED_STATE)
-    if outcome != _NOT_OWNER:
-        _send("released", lease.key, lease=lease, task=lease._task, confirmed=True)
-    return outcome
-
-
-def _settle(lease: Lease, state: str) -> None:
-    """Move a lease out of "held" for good ("released", or "lost" which stays); drop it from renewal."""
-    with _state_lock:
-        if lease._state != _LOST:
-            lease._state = state
-    _watchdog.discard(lease)
-
-
-def _lose(lease: Lease, reason: str, from_watchdog: bool = False) -> None:
-    """Mark the lease lost and report it once: a WARNING and the user's on_lost callback.
-
-    From the watchdog the callback runs on a thread of its own, so that a callback that blocks
-    or raises (even SystemExit) can never stop renewal; at release it runs in the caller's thread.
-    """
-    with _state_lock:
-        if lease._state == _LOST:
-            return
-        lease._state = _LOST
-    _watchdog.discard(lease)
-    log_renew.warning("Lease on %r (fence %s) was lost: %s", lease.key, lease.fence, reason)
-    if from_watchdog:
-        if lease._on_lost is not None or _signals is not None:
-            _callbacks.put((lease, reason))
-        return
-    _send("lost", lease.key, lease=lease, task=lease._task, reason=reason)
-    if lease._on_lost is None:
-        return
-    try:
-        lease._on_lost(lease)
-    except Exception:
-        log_renew.exception("on_lost callback for %r raised", lease.key)
-
-
-def _redis_failed(spec: single_run, key: str, client: Any, exc: Exception) -> Optional[Lease]:
-    if "unknown command" in str(exc).lower() and type(client).__module__.startswith("fakeredis"):
-        raise ConfigurationError(
-            f"fakeredis cannot run the scripts of single_run for {key!r} ({exc}): install its Lua "
-            "support with pip install 'fakeredis[lua]'",
-            key,
-        ) from exc
-    # fail_open is for an outage. Redis refusing the credentials or a command is a configuration
-    # that will not heal by itself: running unlocked would hide it, so that always fails closed.
-    outage = isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)) and not isinstance(
-        exc, (redis.exceptions.AuthenticationError, getattr(redis.exceptions, "AuthorizationError", ()))
-    )
-    if not spec.fail_open or not outage:
-        raise RedisUnavailable(
-            f"could not take the lease for {key!r}, so it did not run: {type(exc).__name__}: {exc}", key
-        ) from exc
-    log_acquire.warning("Redis failed (%s); running %r WITHOUT a lease (fail_open=True)", exc, key)
-    holder = {"host": _HOST, "pid": _holder.pid, "task_id": None}
-    return Lease(key, _lease_key(spec.prefix, key), "", 0, spec.ttl, None, math.inf, holder, None, fail_open=True)
+# ------------------------------------------------------------------------------------------------
+# The watchdog: renewal of every held lease, one renewer thread per Redis node
+# ------------------------------------------------------------------------------------------------
 
 
 class _Watchdog:
@@ -2289,41 +2318,14 @@ def _run(
     task = None if found is None or found.request.called_directly else found
     if task is not None and _DEBOUNCE_HEADER in (task.request.headers or ()):  # send_once(debounce=...)'s message
         args, kwargs = _debounced(spec, task, key, client, args, kwargs)
-    policy = spec.on_busy
-    in_worker = task is not None and not task.request.is_eager
     # A decorated helper that a task calls records that task's id all the same: a redelivery of
     # the task's message then recognises the helper's lease as its own earlier attempt.
     task_id = (task.request.id or "") if task is not None else _outer_task_id()
     bound = found is not None and bool(args) and args[0] is found  # a bind=True task's self
     # The newest call's arguments, sent with its rerun request (the task's self is not stored).
     arguments = _encode_arguments(key, args[1:] if bound else args, kwargs) if spec.rerun_with == "latest" else ""
-    lease: Optional[Lease] = None
-    if policy == "retry":
-        if not in_worker:
-            policy = "raise"  # no broker to re-send through: the caller sees AlreadyRunning
-        else:
-            try:
-                lease = _acquire(spec, key, "retry", task, client, "", task_id)
-            except AlreadyRunning as exc:
-                retry = _busy_retry(spec, task, exc, getattr(exc, "left", None))
-                _busy(key, "retry", "retry_sent", task, 0)
-                raise retry from None
-    if policy != "retry":
-        try:
-            lease = _acquire(spec, key, policy, task, client, arguments, task_id)
-        except _Throttled as exc:  # under "rerun": one run when the interval ends
-            if not in_worker:
-                raise ConfigurationError(
-                    f"{key!r} ran less than min_interval ago; on_busy='rerun' serves that with a task sent for "
-                    "when the interval ends, which needs a Celery worker: outside one use 'wait' or 'skip'",
-                    key,
-                ) from None
-            _send_trailing(spec, task, key, client, exc.left, args[1:] if bound else args, kwargs)
-            return None
-        except AlreadyRunning:
-            if task is not None and policy == "raise":
-                _expect_already_running(task)
-            raise
+    self_arg = found if bound else None
+    lease = _first_lease(spec, key, task, client, arguments, task_id, args[1:] if bound else args, kwargs)
     if lease is None:
         return None
     lease._parent = _current.get()
@@ -2336,28 +2338,15 @@ def _run(
             except BaseException as exc:
                 if _release(lease, "abort") == _RELEASED_OWED:
                     if lease._rerun_args:
-                        args, kwargs = _decode_arguments(lease._rerun_args, found if bound else None)
+                        args, kwargs = _decode_arguments(lease._rerun_args, self_arg)
                     _pass_on_rerun(spec, fn, lease, task, args, kwargs, exc)
                 raise
-            outcome = _release(lease, "end")
-            while outcome == _COOLING:  # a rerun is owed, but min_interval has not passed yet
-                if lease._rerun_args:
-                    args, kwargs = _decode_arguments(lease._rerun_args, found if bound else None)
-                if in_worker:
-                    _send_trailing(spec, task, key, client, lease._cooling, args[1:] if bound else args, kwargs)
-                    outcome = _release(lease, "trail")
-                else:
-                    time.sleep(lease._cooling)  # still holding the lease: nobody could run meanwhile
-                    outcome = _release(lease, "end")
-            if outcome == _UNCONFIRMED and policy == "rerun":
-                outcome = _release_patiently(lease)
+            outcome, args, kwargs = _end_of_run(spec, key, lease, task, client, args, kwargs, self_arg)
             if outcome == _RERUN:
                 retakes = 0
-                if lease._rerun_args:
-                    args, kwargs = _decode_arguments(lease._rerun_args, found if bound else None)
                 log_acquire.info("Running %r again: a rerun was requested during the last run", key)
                 continue
-            if policy != "rerun" or outcome not in (_NOT_OWNER, _UNCONFIRMED) or retakes >= _RETAKES:
+            if spec.on_busy != "rerun" or outcome not in (_NOT_OWNER, _UNCONFIRMED) or retakes >= _RETAKES:
                 return result
             # Rerun requests are kept in the lease, so a lost lease may have taken some with it.
             # Take the key again and run, or (busy) pass a request on to whoever holds it now.
@@ -2374,6 +2363,58 @@ def _run(
             context_token = _current.set(lease)
     finally:
         _current.reset(context_token)
+
+
+def _first_lease(spec: single_run, key: str, task: Any, client: Any, arguments: str, task_id: str,
+                 call_args: tuple[Any, ...], kwargs: dict[str, Any]) -> Optional[Lease]:
+    """Take the lease for a decorated call, or apply its on_busy policy (None: return at once)."""
+    in_worker = task is not None and not task.request.is_eager
+    policy = spec.on_busy
+    if policy == "retry" and in_worker:
+        try:
+            return _acquire(spec, key, "retry", task, client, "", task_id)
+        except AlreadyRunning as exc:
+            retry = _busy_retry(spec, task, exc, getattr(exc, "left", None))
+            _busy(key, "retry", "retry_sent", task, 0)
+            raise retry from None
+    if policy == "retry":
+        policy = "raise"  # no broker to re-send through: the caller sees AlreadyRunning
+    try:
+        return _acquire(spec, key, policy, task, client, arguments, task_id)
+    except _Throttled as exc:  # under "rerun": one run when the interval ends
+        if not in_worker:
+            raise ConfigurationError(
+                f"{key!r} ran less than min_interval ago; on_busy='rerun' serves that with a task sent for "
+                "when the interval ends, which needs a Celery worker: outside one use 'wait' or 'skip'",
+                key,
+            ) from None
+        _send_trailing(spec, task, key, client, exc.left, call_args, kwargs)
+        return None
+    except AlreadyRunning:
+        if task is not None and policy == "raise":
+            _expect_already_running(task)
+        raise
+
+
+def _end_of_run(spec: single_run, key: str, lease: Lease, task: Any, client: Any, args: tuple[Any, ...],
+                kwargs: dict[str, Any], self_arg: Any) -> tuple[int, tuple[Any, ...], dict[str, Any]]:
+    """Release after a run that returned; the outcome, and the arguments of a rerun it owes."""
+    in_worker = task is not None and not task.request.is_eager
+    outcome = _release(lease, "end")
+    while outcome == _COOLING:  # a rerun is owed, but min_interval has not passed yet
+        if lease._rerun_args:
+            args, kwargs = _decode_arguments(lease._rerun_args, self_arg)
+        if in_worker:
+            _send_trailing(spec, task, key, client, lease._cooling, args[1:] if self_arg is not None else args, kwargs)
+            outcome = _release(lease, "trail")
+        else:
+            time.sleep(lease._cooling)  # still holding the lease: nobody could run meanwhile
+            outcome = _release(lease, "end")
+    if outcome == _UNCONFIRMED and spec.on_busy == "rerun":
+        outcome = _release_patiently(lease)
+    if outcome == _RERUN and lease._rerun_args:
+        args, kwargs = _decode_arguments(lease._rerun_args, self_arg)
+    return outcome, args, kwargs
 
 
 def _outer_task_id() -> str:
@@ -2564,7 +2605,10 @@ _DEBOUNCE_HEADER: Final = "single_task_debounce"
 
 def _send_debounced(task: Any, spec: single_run, key: str, client: Any, args: tuple[Any, ...],
                     kwargs: dict[str, Any], debounce: Any, max_wait: Any, options: dict[str, Any]) -> Any:
-    """send_once with ``debounce``: join the open burst of ``key``, or open one and publish its message."""
+    """send_once with ``debounce``: join the open burst of ``key``, or open one and publish its message.
+
+    (Longer than most: the option checks come first, before anything reaches Redis.)
+    """
     if debounce is None:
         raise ConfigurationError(f"max_wait={max_wait!r} only applies with debounce=seconds (send_once of {key!r})",
                                  key)
@@ -2893,6 +2937,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _cli_parser() -> Any:
+    """The argparse parser of ``python -m single_task`` (a table of options more than code)."""
     import argparse
 
     def options(parser: Any, default: Any) -> None:
