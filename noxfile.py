@@ -29,6 +29,7 @@ PYTHONS = ["3.9", "3.10", "3.11", "3.12", "3.13"]
 
 # Quick and independent of the environment: about a minute per session on 2 cores.
 FAST = [
+    "test_single_task.py",
     "tests/test_core.py",
     "tests/test_misuse.py",
     "tests/test_quality.py",

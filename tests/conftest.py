@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from celery import Celery
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -33,6 +34,28 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
 @pytest.fixture
 def r(redis_url: str) -> redis.Redis:
     return redis.Redis.from_url(redis_url, decode_responses=True)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    """A server of the module's own, for a module whose workers serve more than one test."""
+    with RedisServer() as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def app(server: RedisServer) -> Celery:
+    """The test workers' app (tests/celery_app.py), pointed at the module's server from the producer side."""
+    from tests import celery_app
+
+    celery_app.use_server(server.url)
+    return celery_app.app
+
+
+@pytest.fixture
+def rec(server: RedisServer) -> redis.Redis:
+    """The module's server, where the test workers' tasks record their runs."""
+    return redis.Redis.from_url(server.url, decode_responses=True)
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -11,34 +10,16 @@ import pytest
 import redis
 from celery import Celery
 
-from single_task import AlreadyRunning, ConfigurationError, current_lease, is_running, single_run
+from single_task import AlreadyRunning, ConfigurationError, is_running, single_run
 from support.redis_server import RedisServer
 from support.worker import CeleryWorker
 from tests import celery_app
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    with RedisServer() as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def app(server: RedisServer) -> Celery:
-    """The test app, pointed at this module's server from the producer side."""
-    celery_app.use_server(server.url)
-    return celery_app.app
-
-
-@pytest.fixture(scope="module")
 def prefork(server: RedisServer, app: Celery) -> Iterator[CeleryWorker]:
     with CeleryWorker("tests.celery_app", server.url, pool="prefork", concurrency=4) as worker:
         yield worker
-
-
-@pytest.fixture
-def rec(server: RedisServer) -> redis.Redis:
-    return redis.Redis.from_url(server.url, decode_responses=True)
 
 
 def check_flood(rec: redis.Redis, results: list[Any], keys: list[str]) -> int:
@@ -185,39 +166,6 @@ def test_already_running_comes_back_through_a_pickle_result_backend(app: Celery,
     assert info.value.key == "busy:2"
 
 
-def test_eager_mode_runs_under_the_lease_and_retry_raises(server: RedisServer) -> None:
-    eager = Celery("eager", set_as_current=False)
-    eager.conf.update(task_always_eager=True)  # (propagating eager errors also raises Celery's own Retry)
-
-    @eager.task(bind=True)
-    @single_run(key="eager:{n}", client=server.url, on_busy="retry")
-    def job(self: Any, n: int) -> int:
-        lease = current_lease()
-        assert lease is not None and lease.key == f"eager:{n}"
-        if self.request.retries < 2:
-            raise self.retry(countdown=0)
-        return int(self.request.retries)
-
-    assert job.delay(1).get() == 2
-    done = threading.Event()
-    taken = threading.Event()
-
-    def hold() -> None:
-        with single_run(key="eager:2", client=server.url):
-            taken.set()
-            done.wait(10)
-
-    t = threading.Thread(target=hold)
-    t.start()
-    taken.wait(5)
-    try:
-        with pytest.raises(AlreadyRunning):
-            job.delay(2).get()
-    finally:
-        done.set()
-        t.join()
-
-
 def test_is_running_takes_the_task_object(app: Celery, prefork: CeleryWorker, server: RedisServer) -> None:
     assert is_running(celery_app.flood, 42) is False
     with single_run(key="flood:42", client=server.url):
@@ -298,3 +246,9 @@ def test_a_throttle_under_retry_resends_for_when_the_interval_ends(app: Celery, 
     assert second.get(timeout=30) is not None  # re-sent (not counted against max_retries=0), then ran
     fences = [int(f) for f in rec.lrange("rec:throttled-retry:1", 0, -1)]
     assert len(fences) == 2 and fences[1] - fences[0] >= 1_000_000
+
+
+def test_a_decorated_helper_records_the_id_of_the_task_that_calls_it(app: Celery, prefork: CeleryWorker) -> None:
+    # So that a redelivery of the task's message recognises the helper's lease as its own attempt.
+    result = celery_app.calls_holder_of.delay(5)
+    assert result.get(timeout=60) == result.id

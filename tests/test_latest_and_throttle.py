@@ -1,48 +1,18 @@
-"""rerun_with="latest" (the newest call's arguments win) and min_interval (a throttle), in-process."""
+"""rerun_with="latest" (the newest call's arguments win) and min_interval (a throttle), in-process:
+what test_single_task.py's contract for them leaves out."""
 
 from __future__ import annotations
 
-import threading
-import time
 from typing import Any
 
 import pytest
 import redis
 from celery import Celery
 
-from single_task import AlreadyRunning, ConfigurationError, current_lease, single_run
-
-
-def in_thread(fn: Any, *args: Any) -> Any:
-    out: list[Any] = []
-
-    def call() -> None:
-        try:
-            out.append(fn(*args))
-        except BaseException as exc:  # handed back to the test
-            out.append(exc)
-
-    t = threading.Thread(target=call)
-    t.start()
-    t.join()
-    return out[0]
-
+from single_task import ConfigurationError, single_run
+from test_single_task import in_thread
 
 # -- rerun_with="latest" --------------------------------------------------------------------------
-
-
-def test_the_rerun_runs_with_the_newest_calls_arguments(redis_url: str) -> None:
-    seen: list[tuple[int, int]] = []
-
-    @single_run(key="doc:{doc_id}", client=redis_url, on_busy="rerun", rerun_with="latest")
-    def index(doc_id: int, version: int) -> None:
-        seen.append((doc_id, version))
-        if len(seen) == 1:
-            assert in_thread(index, doc_id, 2) is None  # busy: a rerun with version 2
-            assert in_thread(index, doc_id, 3) is None  # and now version 3 wins
-
-    index(1, 1)
-    assert seen == [(1, 1), (1, 3)]
 
 
 def test_by_default_the_rerun_keeps_the_holders_arguments(redis_url: str) -> None:
@@ -93,76 +63,6 @@ def test_rerun_with_latest_needs_the_rerun_policy() -> None:
 
 
 # -- min_interval ------------------------------------------------------------------------------------
-
-
-def test_two_runs_start_at_least_min_interval_apart_and_a_call_inside_it_is_skipped(redis_url: str) -> None:
-    fences: list[int] = []
-
-    @single_run(key="thr", client=redis_url, min_interval=0.5)
-    def job() -> str:
-        lease = current_lease()
-        assert lease is not None
-        fences.append(lease.fence)  # the server's clock in microseconds
-        return "ran"
-
-    assert job() == "ran"
-    assert job() is None  # inside the interval: skipped
-    time.sleep(0.55)
-    assert job() == "ran"
-    assert fences[1] - fences[0] >= 500_000
-
-
-def test_raise_says_how_long_is_left(redis_url: str) -> None:
-    job = single_run(key="thr-raise", client=redis_url, min_interval=2.0, on_busy="raise")(lambda: "ran")
-    assert job() == "ran"
-    with pytest.raises(AlreadyRunning, match=r"min_interval.*s left"):
-        job()
-
-
-def test_wait_blocks_until_the_interval_ends_then_runs(redis_url: str) -> None:
-    fences: list[int] = []
-
-    @single_run(key="thr-wait", client=redis_url, min_interval=0.6, on_busy="wait", timeout=5)
-    def job() -> float:
-        lease = current_lease()
-        assert lease is not None
-        fences.append(lease.fence)
-        return time.monotonic()
-
-    first = job()
-    second = job()
-    assert second - first >= 0.55 and fences[1] - fences[0] >= 600_000
-
-
-def test_a_wait_whose_timeout_ends_inside_the_interval_raises(redis_url: str) -> None:
-    job = single_run(key="thr-wait-t", client=redis_url, min_interval=2.0, on_busy="wait", timeout=0.2)(lambda: 1)
-    assert job() == 1
-    started = time.monotonic()
-    with pytest.raises(AlreadyRunning, match="min_interval"):
-        job()
-    assert time.monotonic() - started < 0.5
-
-
-def test_an_owed_rerun_starts_when_the_interval_ends(redis_url: str) -> None:
-    fences: list[int] = []
-
-    @single_run(key="thr-rerun", client=redis_url, min_interval=0.8, on_busy="rerun")
-    def job() -> None:
-        lease = current_lease()
-        assert lease is not None
-        fences.append(lease.fence)
-        if len(fences) == 1:
-            in_thread(job)  # busy: asks for a rerun, which may not start before the interval ends
-
-    job()
-    assert len(fences) == 2 and fences[1] - fences[0] >= 800_000
-
-
-def test_a_throttled_rerun_outside_a_worker_is_refused_with_what_to_use(redis_url: str) -> None:
-    job = single_run(key="thr-rerun-out", client=redis_url, min_interval=5.0, on_busy="rerun")(lambda: 1)
-    assert job() == 1
-    with pytest.raises(ConfigurationError, match=r"needs a Celery worker.*'wait' or 'skip'"):
-        job()
 
 
 def test_show_says_how_long_a_key_cools_down_and_the_last_fence_after_a_release(redis_url: str, capsys: Any) -> None:

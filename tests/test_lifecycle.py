@@ -1,14 +1,13 @@
-"""The lease survives what the process holding it does: interrupts, forks, client retries, a stalled
-server, callbacks that raise, copied contexts. Each test is a way the lease once broke."""
+"""The lease survives what the process holding it does: forks, client retries, a stalled server,
+copied contexts. Each test is a way the lease once broke (interrupts and callbacks that raise are in
+test_single_task.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -20,12 +19,10 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
-from celery.exceptions import SoftTimeLimitExceeded
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from single_task import (
-    AlreadyRunning,
     ConfigurationError,
     Lease,
     RedisUnavailable,
@@ -35,94 +32,14 @@ from single_task import (
 )
 from support.proxy import DroppingProxy
 from support.redis_server import RedisServer
+from test_single_task import free_within, held_elsewhere
 from tests.conftest import ROOT
-from tests.test_core import held_elsewhere
-
-
-@contextlib.contextmanager
-def alarm(seconds: float, exc: type[BaseException]) -> Iterator[None]:
-    """Raise ``exc`` in the main thread after ``seconds``, as Celery's soft time limit does (a signal)."""
-
-    def fire(signum: int, frame: Any) -> None:
-        raise exc()
-
-    previous = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def evalsha_calls(r: redis.Redis) -> int:
-    stats = r.info("commandstats")
-    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
 
 def run_script(code: str, url: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=ROOT, URL=url)
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def free_within(url: str, key: str, seconds: float) -> float:
-    """How long until ``key`` can be taken (polling), or fail after ``seconds``."""
-    started = time.monotonic()
-    while True:
-        try:
-            with single_run(key=key, client=url, on_busy="raise"):
-                return time.monotonic() - started
-        except AlreadyRunning:
-            if time.monotonic() - started > seconds:
-                raise
-            time.sleep(0.05)
-
-
-# -- 1. an interrupted waiter leaves the queue ----------------------------------------------------
-
-
-@pytest.mark.parametrize("interrupt", [SoftTimeLimitExceeded, KeyboardInterrupt, SystemExit])
-def test_a_waiter_interrupted_while_blocked_leaves_the_wait_queue(redis_url: str, r: redis.Redis,
-                                                                 interrupt: type[BaseException]) -> None:
-    @single_run(key="iw", client=redis_url, ttl=20, on_busy="wait")
-    def job() -> str:
-        return "ran"
-
-    with held_elsewhere(redis_url, "iw", ttl=20):
-        with pytest.raises(interrupt), alarm(0.4, interrupt):
-            job()
-        assert r.llen("single_task:{iw}:q") == 0
-    # The holder released: had the gone waiter been handed the key, it would stay blocked.
-    assert free_within(redis_url, "iw", 1.0) < 1.0
-
-
-# -- 2. an interrupted release never leaves a lease in the watchdog --------------------------------
-
-
-def test_a_release_interrupted_by_a_time_limit_lets_the_key_expire_and_never_spins(redis_url: str,
-                                                                                r: redis.Redis) -> None:
-    pool = redis.BlockingConnectionPool.from_url(redis_url, max_connections=1, timeout=None)
-    client = redis.Redis(connection_pool=pool)
-    ttl = 1.0
-
-    @single_run(key="ir", client=client, ttl=ttl)
-    def job() -> None:
-        # Take the pool's only connection, so that the release has to wait for one; the time
-        # limit strikes during that wait.
-        held.append(pool.get_connection("PING"))
-
-    held: list[Any] = []
-    try:
-        with pytest.raises(SoftTimeLimitExceeded), alarm(0.3, SoftTimeLimitExceeded):
-            job()
-    finally:
-        pool.release(held[0])
-    before = evalsha_calls(r)
-    time.sleep(1.0)
-    assert evalsha_calls(r) - before < 10, "the watchdog renews a lease that was given back, in a loop"
-    time.sleep(ttl * 0.6)
-    assert not r.exists("single_task:{ir}"), "a lease whose release failed must expire within its ttl"
 
 
 # -- 3. a forked child never touches its parent's lease --------------------------------------------
@@ -206,25 +123,6 @@ def test_a_paused_server_neither_stalls_renewal_on_a_healthy_one_nor_delays_the_
                 assert lost[0][1] - paused_at < ttl + 0.6, "the loss was reported late"
             finally:
                 stalled.resume()
-
-
-# -- 5. a callback cannot stop renewal ---------------------------------------------------------------
-
-
-@pytest.mark.parametrize("raising", [SystemExit, KeyboardInterrupt, RuntimeError])
-def test_an_on_lost_callback_that_raises_does_not_stop_renewal(redis_url: str, r: redis.Redis,
-                                                              raising: type[BaseException]) -> None:
-    def explode(lease: Lease) -> None:
-        raise raising("callback")
-
-    with single_run(key="cb1", client=redis_url, ttl=0.6, on_lost=explode) as first:
-        r.delete("single_task:{cb1}")  # taken away: the next renewal reports it lost
-        time.sleep(0.8)
-        assert first.lost
-    with single_run(key="cb2", client=redis_url, ttl=0.6) as second:
-        time.sleep(2.0)
-        assert not second.lost, "nothing renews any more: the callback killed the watchdog"
-        assert r.exists("single_task:{cb2}")
 
 
 # -- 6, 7. send_once under client retries and timeouts ---------------------------------------------
@@ -365,27 +263,6 @@ def test_a_rerun_granted_by_a_release_whose_answer_was_lost_still_runs(redis_url
         assert not r.exists("single_task:{rrr}")
     finally:
         proxy.close()
-
-
-# -- 11. each rerun is a new acquisition, with a larger fence ---------------------------------------
-
-
-def test_a_rerun_gets_a_new_larger_fence(redis_url: str, r: redis.Redis) -> None:
-    fences: list[int] = []
-
-    @single_run(key="rf", client=redis_url, on_busy="rerun")
-    def job() -> None:
-        lease = current_lease()
-        assert lease is not None
-        fences.append(lease.fence)
-        assert int(r.hget("single_task:{rf}", "f")) == lease.fence
-        if len(fences) == 1:
-            other = threading.Thread(target=job)  # busy: asks for a rerun
-            other.start()
-            other.join()
-
-    job()
-    assert len(fences) == 2 and fences[1] > fences[0]
 
 
 # -- 14. one rule for literal braces ------------------------------------------------------------------

@@ -6,33 +6,15 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 import redis
 from celery import Celery
 
-from single_task import RedisUnavailable, is_queued, send_once, single_run
-from support.redis_server import RedisServer, free_port
+from single_task import is_queued, send_once, single_run
+from support.redis_server import RedisServer
 from support.worker import CeleryWorker
 from tests import celery_app
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    with RedisServer() as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def app(server: RedisServer) -> Celery:
-    celery_app.use_server(server.url)
-    return celery_app.app
-
-
-@pytest.fixture
-def rec(server: RedisServer) -> redis.Redis:
-    return redis.Redis.from_url(server.url, decode_responses=True)
 
 
 def queued_per_key(rec: redis.Redis, queue: str) -> Counter[str]:
@@ -110,21 +92,6 @@ def test_a_call_during_a_run_queues_exactly_one_more(app: Celery, server: RedisS
     assert not is_queued(celery_app.produce, 50, 0.0)
 
 
-def test_a_failed_publish_leaves_no_marker(server: RedisServer) -> None:
-    dead = Celery("dead-broker", broker=f"redis://127.0.0.1:{free_port()}/0", set_as_current=False)
-    dead.conf.update(broker_connection_retry=False, broker_connection_max_retries=0, task_publish_retry=False,
-                     broker_connection_timeout=1)
-
-    @dead.task
-    @single_run(key="dead:{n}", client=server.url)
-    def job(n: int) -> None: ...
-
-    with pytest.raises(Exception) as info:
-        send_once(job, (1,))
-    assert not isinstance(info.value, RedisUnavailable)  # the broker's own error
-    assert not is_queued(job, 1)
-
-
 def test_a_worker_killed_after_taking_the_message_frees_the_key_within_the_marker_expiry(
         app: Celery, server: RedisServer) -> None:
     queue = "q-killed"
@@ -147,20 +114,6 @@ def test_a_countdown_extends_the_marker(app: Celery, server: RedisServer, rec: r
     send_once(celery_app.produce_short, (2,), queue="q-nobody", countdown=3)
     pttl = rec.pttl("single_task:{produce-short:2}:queued")
     assert 3000 < pttl <= 4500
-
-
-def test_send_once_in_eager_mode_runs_and_leaves_no_marker(server: RedisServer) -> None:
-    eager = Celery("eager-producer", set_as_current=False)
-    eager.conf.update(task_always_eager=True)
-
-    @eager.task
-    @single_run(key="eager-send:{n}", client=server.url)
-    def job(n: int) -> int:
-        return n + 1
-
-    assert send_once(job, (1,)).get() == 2
-    assert not is_queued(job, 1)
-    assert server.client().keys("single_task:{eager-send:1}*") == [b"single_task:{eager-send:1}:fence"]
 
 
 def test_send_once_checks_arguments_before_marking(app: Celery, server: RedisServer) -> None:
