@@ -13,7 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import redis
 
@@ -37,13 +37,26 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """One redis-server child process. ``url`` is valid after ``start()``."""
+    """One redis-server child process. ``url`` is valid after ``start()``.
 
-    def __init__(self, *args: str, binary: Optional[str] = None, port: Optional[int] = None) -> None:
+    ``args`` are passed on its command line; ``config``, if given, is written to a file in the
+    server's own directory that comes first on it (a sentinel needs one it can rewrite).
+    ``pick_port`` chooses a port for each attempt to start (default: one the kernel reports free);
+    ``port`` fixes it instead.
+    """
+
+    def __init__(self, *args: str, binary: Optional[str] = None, port: Optional[int] = None,
+                 config: Optional[str] = None, pick_port: Callable[[], int] = free_port) -> None:
         self.binary = binary or redis_server_binary()
         self.args = list(args)
         self.port = port or 0
+        self.pick_port = pick_port
         self.dir = tempfile.mkdtemp(prefix="single_task-redis-")
+        self.config_file: list[str] = []
+        if config is not None:
+            self.config_file = [os.path.join(self.dir, "redis.conf")]
+            with open(self.config_file[0], "w") as f:
+                f.write(config)
         self.proc: Optional[subprocess.Popen[bytes]] = None
 
     @property
@@ -55,9 +68,9 @@ class RedisServer:
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         for _attempt in range(5):
-            port = self.port or free_port()
-            cmd = [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                   "--dir", self.dir, "--daemonize", "no", "--protected-mode", "no", *self.args]
+            port = self.port or self.pick_port()
+            cmd = [self.binary, *self.config_file, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                   "--appendonly", "no", "--dir", self.dir, "--daemonize", "no", "--protected-mode", "no", *self.args]
             log = open(os.path.join(self.dir, "redis.log"), "ab")
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             log.close()

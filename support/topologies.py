@@ -7,15 +7,12 @@ always the data port + 10000, so ports are chosen with that one free too).
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import signal
 import socket
-import subprocess
-import tempfile
 import time
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 import redis
 from redis.sentinel import Sentinel
@@ -61,7 +58,34 @@ def _wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05)
     raise RuntimeError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last})" if last else ""))
 
 
-class Cluster:
+T = TypeVar("T", bound="Topology")
+
+
+class Topology:
+    """Servers started together: a start that fails stops what it had started; ``with`` stops all."""
+
+    def start(self: T, timeout: float = 60.0) -> T:
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, timeout: float) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: T) -> T:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Cluster(Topology):
     """A Redis Cluster of ``masters`` masters with ``replicas`` replicas each, on 127.0.0.1.
 
     Slots are split evenly over the masters with CLUSTER ADDSLOTS, the nodes are joined with
@@ -89,28 +113,17 @@ class Cluster:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def _start_node(self, taken: set[int]) -> RedisServer:
-        for _attempt in range(5):
-            port = cluster_port(taken)
-            server = RedisServer("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                                 "--cluster-node-timeout", str(self.node_timeout_ms),
-                                 "--cluster-require-full-coverage", "yes",
-                                 binary=self.binary, port=port)
-            try:
-                server.start()
-            except RuntimeError:
-                shutil.rmtree(server.dir, ignore_errors=True)
-                continue  # lost a race for the port (or its bus port): pick another
-            taken.update((port, port + 10000))
-            return server
-        raise RuntimeError("could not start a cluster node after 5 attempts")
-
-    def start(self, timeout: float = 60.0) -> Cluster:
+        server = RedisServer("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                             "--cluster-node-timeout", str(self.node_timeout_ms),
+                             "--cluster-require-full-coverage", "yes",
+                             binary=self.binary, pick_port=lambda: cluster_port(taken))
         try:
-            self._start(timeout)
-        except BaseException:
-            self.stop()
+            server.start()  # a port (or its bus port) lost to a race: it picks another
+        except RuntimeError:
+            shutil.rmtree(server.dir, ignore_errors=True)
             raise
-        return self
+        taken.update((server.port, server.port + 10000))
+        return server
 
     def _start(self, timeout: float) -> None:
         taken: set[int] = set()
@@ -152,12 +165,6 @@ class Cluster:
             node.__exit__(None, None, None)
         self.masters, self.replicas = [], []
 
-    def __enter__(self) -> Cluster:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
 
 def _cluster_info(client: redis.Redis) -> dict[str, str]:
     raw = client.execute_command("CLUSTER INFO")
@@ -175,59 +182,17 @@ def _cluster_ok(client: redis.Redis) -> bool:
     return _cluster_info(client).get("cluster_state") == "ok"
 
 
-class SentinelProcess:
-    """One ``redis-server sentinel.conf --sentinel`` child, monitoring ``master_name``."""
-
-    def __init__(self, master_name: str, master_port: int, quorum: int = 2, down_after_ms: int = 1000,
-                 failover_timeout_ms: int = 5000, binary: Optional[str] = None) -> None:
-        self.binary = binary or redis_server_binary()
-        self.dir = tempfile.mkdtemp(prefix="single_task-sentinel-")
-        self.master_name, self.master_port, self.quorum = master_name, master_port, quorum
-        self.down_after_ms, self.failover_timeout_ms = down_after_ms, failover_timeout_ms
-        self.port = 0
-        self.proc: Optional[subprocess.Popen[bytes]] = None
-
-    def start(self, timeout: float = 10.0) -> SentinelProcess:
-        from support.redis_server import free_port
-
-        for _attempt in range(5):
-            port = free_port()
-            conf = os.path.join(self.dir, "sentinel.conf")
-            with open(conf, "w") as f:
-                f.write(f"port {port}\nbind 127.0.0.1\nprotected-mode no\ndaemonize no\ndir {self.dir}\n"
-                        f"sentinel monitor {self.master_name} 127.0.0.1 {self.master_port} {self.quorum}\n"
-                        f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}\n"
-                        f"sentinel failover-timeout {self.master_name} {self.failover_timeout_ms}\n"
-                        f"sentinel parallel-syncs {self.master_name} 1\n")
-            with open(os.path.join(self.dir, "sentinel.log"), "ab") as log:
-                self.proc = subprocess.Popen([self.binary, conf, "--sentinel"], stdout=log, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                try:
-                    if redis.Redis(host="127.0.0.1", port=port, socket_timeout=1).ping():
-                        self.port = port
-                        return self
-                except redis.RedisError:
-                    time.sleep(0.02)
-            self.stop()
-        raise RuntimeError(f"sentinel did not start; see {self.dir}/sentinel.log")
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2, decode_responses=True)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+def sentinel_server(master_name: str, master_port: int, quorum: int, down_after_ms: int, failover_timeout_ms: int,
+                    binary: Optional[str] = None) -> RedisServer:
+    """A ``redis-server redis.conf --sentinel`` monitoring ``master_name`` (not started yet)."""
+    config = (f"sentinel monitor {master_name} 127.0.0.1 {master_port} {quorum}\n"
+              f"sentinel down-after-milliseconds {master_name} {down_after_ms}\n"
+              f"sentinel failover-timeout {master_name} {failover_timeout_ms}\n"
+              f"sentinel parallel-syncs {master_name} 1\n")
+    return RedisServer("--sentinel", binary=binary, config=config)
 
 
-class SentinelGroup:
+class SentinelGroup(Topology):
     """One master, ``replicas`` replicas and ``sentinels`` sentinels, all on 127.0.0.1.
 
     ``kill_master()`` SIGKILLs the current master by pid; ``wait_for_failover()`` blocks until
@@ -242,15 +207,7 @@ class SentinelGroup:
         self.n_replicas, self.n_sentinels = replicas, sentinels
         self.down_after_ms, self.failover_timeout_ms = down_after_ms, failover_timeout_ms
         self.servers: list[RedisServer] = []
-        self.sentinels: list[SentinelProcess] = []
-
-    def start(self, timeout: float = 60.0) -> SentinelGroup:
-        try:
-            self._start(timeout)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        self.sentinels: list[RedisServer] = []
 
     def _start(self, timeout: float) -> None:
         master = RedisServer(binary=self.binary).start()
@@ -263,12 +220,14 @@ class SentinelGroup:
                       "the replica to sync")
         quorum = self.n_sentinels // 2 + 1
         for _ in range(self.n_sentinels):
-            self.sentinels.append(SentinelProcess(self.master_name, master.port, quorum, self.down_after_ms,
-                                                  self.failover_timeout_ms, binary=self.binary).start())
+            sentinel = sentinel_server(self.master_name, master.port, quorum, self.down_after_ms,
+                                       self.failover_timeout_ms, binary=self.binary)
+            self.sentinels.append(sentinel)
+            sentinel.start()
 
         def all_see_everyone() -> bool:
             for s in self.sentinels:
-                c = s.client()
+                c = s.client(socket_timeout=2, decode_responses=True)
                 try:
                     if len(c.execute_command("SENTINEL", "REPLICAS", self.master_name)) < self.n_replicas:
                         return False
@@ -315,15 +274,6 @@ class SentinelGroup:
         return self.master_address()
 
     def stop(self) -> None:
-        for sentinel in self.sentinels:
-            sentinel.stop()
-            shutil.rmtree(sentinel.dir, ignore_errors=True)
-        for server in self.servers:
+        for server in self.sentinels + self.servers:
             server.__exit__(None, None, None)
         self.sentinels, self.servers = [], []
-
-    def __enter__(self) -> SentinelGroup:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

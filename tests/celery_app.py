@@ -7,19 +7,12 @@ import threading
 import time
 
 import redis
-from celery import Celery
 
 from single_task import current_lease, single_run
+from support.apps import make_app, worker_url
 
-URL = os.environ.get("SINGLE_TASK_TEST_URL", "redis://127.0.0.1:6379/0")
-app = Celery("single_task_tests", broker=URL, backend=URL)
-app.conf.update(
-    task_serializer="json",
-    result_serializer="json",
-    accept_content=["json"],
-    worker_prefetch_multiplier=1,
-    broker_connection_retry_on_startup=True,
-)
+URL = worker_url()
+app = make_app("single_task_tests", URL)
 _record = redis.Redis.from_url(URL)
 
 
@@ -227,20 +220,21 @@ def latest_fails(self: object, n: int, version: int, seconds: float, fail: bool)
     return version
 
 
+def _log_fence(key: str) -> int:
+    """Record the server-clock fence of this run's start: starts must be min_interval apart."""
+    lease = current_lease()
+    assert lease is not None
+    _record.rpush(f"rec:{key}", lease.fence)
+    return lease.fence
+
+
 @app.task(bind=True)
 @single_run(key="throttled:{n}", ttl=10, on_busy="rerun", min_interval=1.0)
 def throttled(self: object, n: int) -> int:
-    """Records the server-clock fence of each start: starts must be min_interval apart."""
-    lease = current_lease()
-    assert lease is not None
-    _record.rpush(f"rec:throttled:{n}", lease.fence)
-    return lease.fence
+    return _log_fence(f"throttled:{n}")
 
 
 @app.task(bind=True, max_retries=0)
 @single_run(key="throttled-retry:{n}", ttl=10, on_busy="retry", min_interval=1.0)
 def throttled_retry(self: object, n: int) -> int:
-    lease = current_lease()
-    assert lease is not None
-    _record.rpush(f"rec:throttled-retry:{n}", lease.fence)
-    return lease.fence
+    return _log_fence(f"throttled-retry:{n}")

@@ -12,19 +12,12 @@ import time
 from typing import Any
 
 import redis
-from celery import Celery
 
 from single_task import current_lease, single_run
+from support.apps import make_app, worker_url
 
-URL = os.environ.get("SINGLE_TASK_TEST_URL", "redis://127.0.0.1:6379/0")
-app = Celery("single_task_gevent_tests", broker=URL, backend=URL)
-app.conf.update(
-    task_serializer="json",
-    result_serializer="json",
-    accept_content=["json"],
-    worker_prefetch_multiplier=1,
-    broker_connection_retry_on_startup=True,
-)
+URL = worker_url()
+app = make_app("single_task_gevent_tests", URL)
 _record = redis.Redis.from_url(URL)
 
 
