@@ -238,3 +238,15 @@ def throttled(self: object, n: int) -> int:
 @single_run(key="throttled-retry:{n}", ttl=10, on_busy="retry", min_interval=1.0)
 def throttled_retry(self: object, n: int) -> int:
     return _log_fence(f"throttled-retry:{n}")
+
+
+@single_run(key="helper-holder:{n}", ttl=10)
+def holder_of(n: int) -> object:
+    lease = current_lease()
+    assert lease is not None
+    return lease.holder["task_id"]
+
+
+@app.task
+def calls_holder_of(n: int) -> object:
+    return holder_of(n)
