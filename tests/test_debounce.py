@@ -35,27 +35,13 @@ EARLY = 0.005
 LATE = 0.4
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    with RedisServer() as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def app(server: RedisServer) -> Celery:
-    celery_app.use_server(server.url)
-    return celery_app.app
+# server, app and rec: the module fixtures of tests/conftest.py.
 
 
 @pytest.fixture(scope="module")
 def worker(server: RedisServer, app: Celery) -> Iterator[CeleryWorker]:
     with CeleryWorker("tests.celery_app", server.url, pool="threads", concurrency=4, queues=QUEUE) as started:
         yield started
-
-
-@pytest.fixture
-def rec(server: RedisServer) -> redis.Redis:
-    return redis.Redis.from_url(server.url, decode_responses=True)
 
 
 @dataclass
