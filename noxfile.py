@@ -36,13 +36,18 @@ FAST = [
     "tests/test_cli.py",
     "tests/test_replicas.py",
     "tests/test_readme.py",
+    "tests/test_lifecycle.py",
+    "tests/test_threads.py",
+    "tests/test_paths.py",
+    "tests/test_latest_and_throttle.py",
+    "tests/test_security.py",
 ]
 # Each in a pytest process of its own: their Celery AsyncResults can be garbage-collected after
 # their module's redis-server has stopped, and then Celery < 5.7 retries reconnecting to it for
 # minutes (seen: tests/test_replicas.py hanging after tests/test_producer.py on celery 5.6.3).
 FAST_ALONE = ["tests/test_producer.py"]
 # Real Celery workers (prefork, threads, solo, gevent), slow tests included.
-WORKERS = ["tests/test_celery.py", "tests/test_gevent.py"]
+WORKERS = ["tests/test_celery.py", "tests/test_gevent.py", "tests/test_debounce.py", "tests/test_queued_markers.py"]
 # No test may hang a CI run: pytest-timeout fails it instead (the demo test alone allows 240 s).
 TIMEOUT = "600"
 
