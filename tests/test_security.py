@@ -464,15 +464,18 @@ def certificates() -> Iterator[dict[str, str]]:
     files = {name: os.path.join(tmp, name) for name in ("ca.crt", "ca.key", "server.crt", "server.key",
                                                          "server.csr", "san.cnf", "other.crt", "other.key")}
     with open(files["san.cnf"], "w") as f:
-        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+                "extendedKeyUsage=serverAuth\nbasicConstraints=critical,CA:FALSE\n")
+    # The extensions a CA must carry for Python 3.13's strict verification (VERIFY_X509_STRICT).
+    ca = ("-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
     openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=single_task test CA",
-            "-keyout", files["ca.key"], "-out", files["ca.crt"])
+            *ca, "-keyout", files["ca.key"], "-out", files["ca.crt"])
     openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
             "-keyout", files["server.key"], "-out", files["server.csr"])
     openssl("x509", "-req", "-in", files["server.csr"], "-CA", files["ca.crt"], "-CAkey", files["ca.key"],
             "-CAcreateserial", "-days", "1", "-extfile", files["san.cnf"], "-out", files["server.crt"])
     openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=some other CA",
-            "-keyout", files["other.key"], "-out", files["other.crt"])
+            *ca, "-keyout", files["other.key"], "-out", files["other.crt"])
     yield files
     shutil.rmtree(tmp, ignore_errors=True)
 
