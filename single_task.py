@@ -623,7 +623,7 @@ class _Holder:
 
 
 _holder = _Holder()
-_state_lock = threading.Lock()
+_state_lock: Any = None  # an OS lock (see _os_lock), made once the watchdog's helpers are defined
 
 
 def _lease_key(prefix: str, key: str) -> str:
@@ -1589,7 +1589,7 @@ class _Watchdog:
     def __init__(self) -> None:
         self._leases: dict[int, Lease] = {}
         self._renewers: dict[int, _Renewer] = {}
-        self._cond = threading.Condition(threading.Lock())
+        self._cond = _OSCondition()
         self._wake_at = math.inf
         self._running = False
         self._pid = os.getpid()
@@ -1692,9 +1692,13 @@ class _Watchdog:
         for lease, token, reply in zip(group, tokens, replies):
             if isinstance(reply, redis.RedisError):
                 # NOSCRIPT after a restart, or MOVED after a cluster reshard: once more on its own,
-                # through the lease's client, which loads the script or follows the move.
+                # through this renewer's client, which loads the script, or (a move) the lease's
+                # client, which follows it -- never a client whose gevent sockets belong to another
+                # thread ("Cannot switch to a different thread").
+                own = isinstance(reply, redis.exceptions.NoScriptError) or _gevent_sockets()
+                again = node if own else lease._client
                 try:
-                    reply = _call(lease._client, _RENEW, lease.redis_key, token, int(lease._ttl * 1000))
+                    reply = _call(again, _RENEW, lease.redis_key, token, int(lease._ttl * 1000))
                 except Exception as exc:
                     reply = exc
             with _state_lock:
@@ -1722,7 +1726,7 @@ class _Renewer:
         self.node = node  # kept, so that its id stays its own
         self.client = _own_client(node)
         self.pending: list[Lease] = []
-        self.cond = threading.Condition(threading.Lock())
+        self.cond = _OSCondition()
         self.alive = True
         _start_thread(self._loop, "single_task-renewer")
 
@@ -1778,7 +1782,7 @@ class _Callbacks:
 
     def __init__(self) -> None:
         self._queue: list[tuple[Lease, str]] = []
-        self._cond = threading.Condition(threading.Lock())
+        self._cond = _OSCondition()
         self._running = False
 
     def put(self, item: tuple[Lease, str]) -> None:
@@ -1807,6 +1811,54 @@ class _Callbacks:
                 self._running = False
 
 
+def _os_lock() -> Any:
+    """A lock of the OS's, also when gevent has patched ``threading``: the watchdog's threads are
+    real OS threads, and gevent's primitives neither block nor wake across them."""
+    if "gevent" in sys.modules:
+        try:
+            from gevent import monkey
+
+            if monkey.is_module_patched("threading"):
+                return monkey.get_original("_thread", "allocate_lock")()
+        except ImportError:
+            pass
+    import _thread
+
+    return _thread.allocate_lock()
+
+
+class _OSCondition:
+    """The condition variable of the watchdog, its renewers and its callback thread, made of OS
+    locks (see _os_lock). Each has one waiting thread; a notify with nobody waiting makes the next
+    wait return at once, and every waiter looks again at what it waits for."""
+
+    def __init__(self) -> None:
+        self._mutex = _os_lock()
+        self._wakeup = _os_lock()
+        self._wakeup.acquire()  # held: no wake-up pending
+
+    def __enter__(self) -> _OSCondition:
+        self._mutex.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._mutex.release()
+
+    def notify(self) -> None:
+        with contextlib.suppress(RuntimeError):  # a wake-up is pending already
+            self._wakeup.release()
+
+    def wait(self, timeout: Optional[float] = None) -> None:
+        self._mutex.release()
+        try:
+            if timeout is None:
+                self._wakeup.acquire()
+            else:
+                self._wakeup.acquire(True, max(0.0, timeout))
+        finally:
+            self._mutex.acquire()
+
+
 def _gevent_sockets() -> bool:
     """True when gevent has patched ``socket`` in this process."""
     if "gevent" not in sys.modules:
@@ -1832,6 +1884,7 @@ def _start_thread(target: Callable[[], None], name: str) -> None:
     threading.Thread(target=target, name=name, daemon=True).start()
 
 
+_state_lock = _os_lock()
 _watchdog = _Watchdog()
 _callbacks = _Callbacks()
 
@@ -1844,7 +1897,7 @@ def _after_fork_in_child() -> None:
     _watchdog = _Watchdog()
     _callbacks = _Callbacks()
     _holder = _Holder()
-    _state_lock = threading.Lock()
+    _state_lock = _os_lock()
     _clients_lock = threading.Lock()
     _routes_lock = threading.Lock()
     _signals_lock = threading.Lock()
