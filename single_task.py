@@ -2316,18 +2316,19 @@ def _check_decoratable(fn: Any) -> None:
 _task_getter: list[Callable[[], Any]] = []  # celery's get_current_task, imported at the first call
 
 
-def _task_of(wrapper: Callable[..., Any]) -> Any:
-    """The Celery task whose own ``run`` is ``wrapper`` and that is executing in this thread (also
-    when called directly), or None: a decorated helper that a task calls is not that task."""
+def _task_of(wrapper: Callable[..., Any]) -> tuple[Any, Any]:
+    """(the Celery task whose own ``run`` is ``wrapper`` and that is executing in this thread, also
+    when called directly, or None -- a decorated helper that a task calls is not that task; the
+    task executing in this thread, whichever it is, or None), from one look at the task stack."""
     if not _task_getter:
         # Imported once, lazily: a plain decorated function never pays for importing Celery, and
         # every call after the first skips the import machinery (microseconds on the hot path).
         _task_getter.append(_current_task_getter())
     task = _task_getter[0]()
     if task is None:
-        return None
+        return None, None
     run = getattr(task, "run", None)
-    return task if getattr(run, "__func__", run) is wrapper else None
+    return (task if getattr(run, "__func__", run) is wrapper else None), task
 
 
 def _current_task_getter() -> Callable[[], Any]:
@@ -2365,7 +2366,7 @@ def _run(
 ) -> Optional[R]:
     """One decorated call: acquire, run (again, while reruns are owed), release."""
     key = renderer.render(args, kwargs)
-    found = _task_of(wrapper)
+    found, outer = _task_of(wrapper)
     client = _client_of(spec, found)
     # Called directly (not by a worker), the task is only where the app and Redis come from.
     task = None if found is None or found.request.called_directly else found
@@ -2373,7 +2374,10 @@ def _run(
         args, kwargs = _debounced(spec, task, key, client, args, kwargs)
     # A decorated helper that a task calls records that task's id all the same: a redelivery of
     # the task's message then recognises the helper's lease as its own earlier attempt.
-    task_id = (task.request.id or "") if task is not None else _outer_task_id()
+    if task is not None:
+        task_id = task.request.id or ""
+    else:
+        task_id = "" if outer is None or outer.request.called_directly else str(outer.request.id or "")
     bound = found is not None and bool(args) and args[0] is found  # a bind=True task's self
     # The newest call's arguments, sent with its rerun request (the task's self is not stored).
     arguments = _encode_arguments(key, args[1:] if bound else args, kwargs) if spec.rerun_with == "latest" else ""
@@ -2468,14 +2472,6 @@ def _end_of_run(spec: single_run, key: str, lease: Lease, task: Any, client: Any
     if outcome == _RERUN and lease._rerun_args:
         args, kwargs = _decode_arguments(lease._rerun_args, self_arg)
     return outcome, args, kwargs
-
-
-def _outer_task_id() -> str:
-    """The id of the Celery task a worker is executing in this thread, or ""."""
-    outer = _task_getter[0]() if _task_getter else None
-    if outer is None or outer.request.called_directly:
-        return ""
-    return str(outer.request.id or "")
 
 
 def _release_patiently(lease: Lease) -> int:
@@ -3170,10 +3166,8 @@ def _cli_release(client: Any, prefix: str, args: Any) -> int:
         print(f"{_printable(args.key)} is not held: nothing to release")
         return _EXIT_NO
     if not args.force:
-        print(f"{_printable(args.key)} is held by {_holder_text(rows[0])}")
-        print("single_task: not released: the holder may still be running; pass --force to delete the lease",
-              file=sys.stderr)
-        return _EXIT_ERROR
+        return _refused(f"{_printable(args.key)} is held by {_holder_text(rows[0])}",
+                        "the holder may still be running; pass --force to delete the lease")
     # One script reads the holder, deletes the lease and hands the key to the first waiter, so
     # what is printed is exactly what was removed.
     reply = _call(client, _FORCE, _lease_key(prefix, args.key), _HANDOFF_MS)
@@ -3197,14 +3191,19 @@ def _cli_release_queued(client: Any, prefix: str, args: Any) -> int:
             print(f"{_printable(args.key)} has no queued marker: nothing to release")
             return _EXIT_NO
         if not args.force:
-            print(f"{_printable(args.key)} is queued: {_marker_text(rows[0])}")
-            print("single_task: not released: its message may still be waiting in the broker; pass --force to "
-                  "remove the marker", file=sys.stderr)
-            return _EXIT_ERROR
+            return _refused(f"{_printable(args.key)} is queued: {_marker_text(rows[0])}",
+                            "its message may still be waiting in the broker; pass --force to remove the marker")
         if int(_call(client, _CONFIRM, marker, rows[0]["task_id"], 0, "0")) == 1:
             print(f"released {_printable(args.key)}: removed the queued marker of {_marker_text(rows[0])}")
             return _EXIT_OK
     raise _CliError(f"the queued marker of {args.key!r} kept changing while it was released; try again")
+
+
+def _refused(shown: str, why: str) -> int:
+    """``release`` without ``--force``: show what would be removed, say why not, exit 2."""
+    print(shown)
+    print(f"single_task: not released: {why}", file=sys.stderr)
+    return _EXIT_ERROR
 
 
 def _marker_text(row: dict[str, Any]) -> str:
