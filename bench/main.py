@@ -16,8 +16,12 @@ Phases, in order (each on redis-servers this run started on free loopback ports)
    of its own, no worker), interleaved.
 8. ``replicas=1`` against a master with one real replica, next to ``replicas=0`` and the floor
    (a master and a replica of their own), interleaved.
-9. Celery end-to-end: real workers (solo, prefork) draining no-op tasks, undecorated vs the floor
-   lock inline vs decorated, interleaved segment by segment in one worker per run.
+9. What the producer-side features cost an uncontended call that uses none of them: the decorated
+   call and the ``with`` block of single_task.py just before those features, after each of their
+   four commits (from git), and of the working tree, interleaved in one child process (a server of
+   its own). See ``bench/features.py``.
+10. Celery end-to-end: real workers (solo, prefork) draining no-op tasks, undecorated vs the floor
+    lock inline vs decorated, interleaved segment by segment in one worker per run.
 
 A phase that fails is reported as failed, with its error, and the run goes on with the next one.
 """
@@ -34,7 +38,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from bench import costs, e2e, handoff, latency, producer, replicas, report, scale
+from bench import costs, e2e, features, handoff, latency, producer, replicas, report, scale
 from support.redis_server import RedisServer, redis_server_binary
 
 
@@ -57,19 +61,24 @@ class Plan:
     side_rounds: int  # rounds of the send_once and replicas phases
     producer_batch: int  # send_once phase: calls per contender per round
     replica_batch: int  # replicas=1 phase: cycles per contender per round
+    features_rounds: int  # producer features phase: rounds of interleaving
+    features_batch: int  # producer features phase: cycles per contender per round
+    features_windows: int  # producer features phase: counted windows per contender (count_cycles each)
 
 
 FULL = Plan(rounds=320, legs=4, batch=25, count_cycles=1000, handoff_rounds=60, profile_cycles=20_000,
             held_leases=1000, held_ttl=3.0, held_window_s=5.0, many_keys=10_000, many_keys_ttl=1.0,
             expiry_wait_s=90.0, e2e_pools=(("solo", 1, 3, 5, 2000), ("prefork", 2, 1, 3, 2000)), e2e_warmup=100,
-            side_rounds=60, producer_batch=50, replica_batch=100)
+            side_rounds=60, producer_batch=50, replica_batch=100, features_rounds=120, features_batch=25,
+            features_windows=3)
 QUICK = Plan(rounds=4, legs=2, batch=20, count_cycles=50, handoff_rounds=4, profile_cycles=2000,
              held_leases=200, held_ttl=3.0, held_window_s=1.5, many_keys=1000, many_keys_ttl=1.0,
              expiry_wait_s=0.0, e2e_pools=(("solo", 1, 1, 2, 100), ("prefork", 2, 1, 1, 100)), e2e_warmup=20,
-             side_rounds=6, producer_batch=10, replica_batch=20)
+             side_rounds=6, producer_batch=10, replica_batch=20, features_rounds=3, features_batch=10,
+             features_windows=1)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-PHASES = 9
+PHASES = 10
 
 
 @dataclass
@@ -160,6 +169,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                                     f"rounds of {plan.replica_batch}",
                lambda: replicas.measure_replicas(plan.side_rounds, plan.replica_batch, plan.count_cycles))
 
+        def features_off() -> Any:
+            with RedisServer() as server:
+                return features.measure_features("127.0.0.1", server.port, plan.features_rounds,
+                                                 plan.features_batch, plan.count_cycles, plan.features_windows)
+
+        _phase(data, "features", 9, f"producer features unused: before them, after them, HEAD, "
+                                    f"{plan.features_rounds} interleaved rounds of {plan.features_batch}", features_off)
+
         if args.skip_e2e:
             data["e2e"] = None
         else:
@@ -167,7 +184,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 main_server.client().flushall()
                 return e2e.run_e2e(main_server.url, list(plan.e2e_pools), plan.e2e_warmup, log=_log)
 
-            _phase(data, "e2e", 9, "Celery end-to-end: " + "; ".join(
+            _phase(data, "e2e", 10, "Celery end-to-end: " + "; ".join(
                 f"{p} {runs} run(s) × {rounds} rounds × {tasks} tasks per variant"
                 for p, _c, runs, rounds, tasks in plan.e2e_pools), celery_e2e)
 

@@ -11,10 +11,11 @@ import time
 from importlib import metadata
 from typing import Any, Callable, Optional
 
-from bench import producer, replicas
+from bench import features, producer, replicas
 from bench.contenders import CONTENDERS, Contender
 from bench.costs import Profile
 from bench.e2e import PoolResult
+from bench.features import FeaturesResult
 from bench.handoff import NOT_WAITING, WAITERS, HandoffResult
 from bench.latency import PARSER_LABEL, PARSERS, ParserResult
 from bench.measure import Counts, Timed, format_counts, percentile, round_ratios
@@ -170,6 +171,7 @@ def render(data: dict[str, Any]) -> str:
              _safe("## Hand-off", _handoff, data.get("handoff")), "",
              _safe("## `replicas=1`", _replicas, data.get("replicas"), plan), "",
              _safe("## Producer side", _producer, data.get("producer"), plan), "",
+             _safe("## Producer features on the uncontended path", _features, data.get("features"), plan), "",
              _safe("## Celery end-to-end", _e2e, data.get("e2e"), plan), "",
              _safe("## Scale: leases held at once in one process", _held, data.get("held")), "",
              _safe("## Scale: distinct keys", _many_keys, data.get("many_keys")), "",
@@ -270,8 +272,8 @@ def _targets(data: dict[str, Any]) -> str:
     rows.append(_server_row(lat))
     rows.append(_solo_row(data.get("e2e")))
     rows.append(_round_trip_row(lat))
-    for fn, key in ((_cache_target, "cache"), (_producer_target, "producer"), (_replicas_target, "replicas"),
-                    (_keys_target, "many_keys")):
+    for fn, key in ((_cache_target, "cache"), (_producer_target, "producer"), (_features_target, "features"),
+                    (_replicas_target, "replicas"), (_keys_target, "many_keys")):
         rows.append(_guard(fn, data.get(key), key))
     held = data.get("held")
     if _failed(held) or not isinstance(held, HeldResult):
@@ -820,6 +822,129 @@ def _producer(res: ProducerResult, plan: Any) -> str:
     if before:
         out += ("\n\nBroker server used_memory before the timed rounds / after the last round's cleanup: "
                 f"{before:,} B / {after:,} B; keys left: " + ", ".join(f"`{k}`" for k in res.keys_at_end) + ".")
+    if res.error:
+        out += f"\n\nStopped: {res.error}"
+    return out
+
+
+FEATURES_TARGET = "#12: producer features cost the uncontended path nothing measurable"
+_CALL_SHORT = {"decorated": "decorated", "with": "with once"}
+_CLIENT_SHORT = {"plain": "redis.Redis", "layer": "command layer"}
+
+
+def _features_target(res: FeaturesResult) -> list[str]:
+    label = FEATURES_TARGET
+    if res.unavailable:
+        return [label, "not measured", "n/a", f"unavailable: {res.unavailable}"]
+    ok, comps = res.verdict()
+    if not comps:
+        return [label, "not measured", "n/a", res.error or "; ".join(res.failed.values()) or "not run"]
+    shown = "; ".join(f"{_CALL_SHORT[c.call]}, {_CLIENT_SHORT[c.client]}: {c.version_us:.1f} vs {c.before_us:.1f} µs "
+                      f"**{_x(c.ratio)}** (per-round {c.p10:.2f}–{c.p90:.2f})" for c in comps)
+    missed = [c for c in comps if not c.met]
+    if ok is None:
+        how = "not every call and client was measured"
+    elif missed:
+        how = "; ".join(f"{_CALL_SHORT[c.call]}, {_CLIENT_SHORT[c.client]}: {(c.ratio - 1) * 100:.0f} % above before "
+                        f"({c.version_us - c.before_us:+.1f} µs), per-round "
+                        + (f"p10 {c.p10:.2f} > 1.0" if c.p10 > 1.0 else f"{c.p10:.2f}–{c.p90:.2f}, all below 1.0")
+                        for c in missed)
+    else:
+        how = "every ratio ≤ 1.0 or 1.0 inside its per-round spread"
+    return [label, "features (b4fed55) ÷ before (ac72e36^): " + shown
+            + " (the redis.Redis ratios are net of b4fed55's direct path)", _verdict(ok), how]
+
+
+def _features_cells(res: FeaturesResult, name: str, t: Timed, base: Optional[Timed],
+                    previous: Optional[Timed]) -> list[str]:
+    """One version's row after its labels: timing, ratios to before and to the version above, counts."""
+    legs = res.counts.get(name, [])
+    usec = [k.server_usec for k in legs]
+    server = "—"
+    if usec:
+        server = f"{percentile(usec, 0.5):.1f}" + (f" ({min(usec):.1f}–{max(usec):.1f})" if len(usec) > 1 else "")
+    cpu = "—"
+    if base is not None:
+        cpu_ratios = [a / b for a, b in zip(t.cpu_per_cycle, base.cpu_per_cycle) if b]
+        cpu = f"{_x(t.cpu_us / base.cpu_us)} ({_spread(cpu_ratios)})"
+    layer = res.layer_calls.get(name)
+    note = "; ".join(x for x in (res.failed.get(name, ""), f"stopped: {t.error}" if t.error else "") if x)
+    return [_f(t.median_us), _f(t.p99_us),
+            _x(t.median_us / base.median_us) if base is not None else "—",
+            _spread(round_ratios(t, base)) if base is not None else "—",
+            _x(t.median_us / previous.median_us) if previous is not None else "—",
+            _f(t.cpu_us), cpu, server, _f(legs[0].round_trips, 2) if legs else "—",
+            _f(layer, 1) if layer is not None else "—", format_counts(legs[0].server) if legs else "—", note]
+
+
+def _features(res: FeaturesResult, plan: Any) -> str:
+    head = ("## Producer features on the uncontended path: before them, with them (unused), and HEAD\n\n"
+            "Do `rerun_with=\"latest\"`, `send_once(debounce=...)`, `min_interval`, queued markers released on "
+            "revoke and `single_task.signals` cost an uncontended call anything when it uses none of them? They "
+            f"went into {features.FILE} in four consecutive commits of that file "
+            f"({', '.join(features.FEATURE_COMMITS)}): *before* is the module just before them, *features* the "
+            "module after the last one, and the module after each of the three commits between is a step of "
+            "its own. *HEAD* is the working tree's module: later commits changed other things as well, so it is "
+            "for reference, and the verdict is features against before. Every version runs in one child process "
+            "(`bench/features.py`), each old one imported from a copy under a module name of its own (its own "
+            "watchdog thread, locks and caches), all against one redis-server of its own.\n\n"
+            "Per version: a decorated call of a zero-argument function and a `with` block on a `single_run` "
+            "built once, each on a plain `redis.Redis` and on a `redis.Redis` subclass that overrides "
+            "`execute_command` (calling it unchanged). b4fed55 also brought a direct path for plain `redis.Redis` "
+            "clients that packs `EVALSHA` itself (its commit message says so; the *execute_command* column shows "
+            "which versions take it): on a plain client features ÷ before is the features' cost *net of* that "
+            "speed-up, while on the subclass every version goes through redis-py's command layer alike. Every "
+            "contender has its own key and its own client; "
+            f"{plan.features_batch} cycles per contender per round, contenders in turn (the first one rotates), "
+            f"for {plan.features_rounds} rounds. *× before* is the ratio of the medians, *per-round* the p10–p90 "
+            "of the ratio of the two versions' batch medians round by round; *client CPU* the child process's "
+            "CPU time per cycle (median over the rounds). *Server µs* is the `INFO commandstats` usec delta per "
+            f"cycle over {plan.count_cycles} counted cycles, median of {plan.features_windows} window(s) per "
+            "contender (range in brackets), counted before the timed rounds with the round trips and commands; "
+            f"*execute_command* counts the calls into redis-py's `Redis.execute_command` per cycle over "
+            f"{features.PROFILED_CYCLES} cycles (the interpreter's profiling hook).\n\n")
+    if res.unavailable:
+        return head + f"Unavailable: {res.unavailable}. Nothing was measured in its place."
+    if res.error and not res.timed:
+        return head + f"Not measured: {res.error}"
+    versions = table(["version", "file measured", "adds to the version above", "sha256"],
+                     [[v.name, v.source, v.adds, f"{v.sha256}…"] for v in res.versions])
+    rows = []
+    for call, call_label in features.CALLS.items():
+        for kind, kind_label in features.CLIENTS.items():
+            base = res.timed.get(features.contender(call, kind, features.BEFORE))
+            previous: Optional[Timed] = None
+            for version in features.VERSIONS:
+                name = features.contender(call, kind, version)
+                t = res.timed.get(name)
+                if t is None or not t.samples:
+                    why = res.failed.get(name) or res.failed.get(version) or (t.error if t else None) or "not run"
+                    rows.append([call_label, kind_label, version] + ["—"] * 11 + [why])
+                    previous = None
+                    continue
+                against = base if version != features.BEFORE and base is not None and base.samples else None
+                rows.append([call_label, kind_label, version, *_features_cells(res, name, t, against, previous)])
+                previous = t
+    out = head + versions + "\n\n" + table(
+        ["call", "client", "version", "median µs", "p99 µs", "× before", "per-round × before (p10–p90)",
+         "× the version above", "client CPU µs", "client CPU × before (per-round p10–p90)",
+         "server µs (commandstats)", "round trips", "execute_command per cycle",
+         "server commands (incl. inside scripts)", "note"], rows)
+    ok, comps = res.verdict()
+    out += (f"\n\n**Verdict: {FEATURES_TARGET.split(': ', 1)[1]}**: {_verdict(ok)}. The rule: {features.RULE}. "
+            + " ".join(f"{_CALL_SHORT[c.call]} on {_CLIENT_SHORT[c.client]}: {_x(c.ratio)}, per-round "
+                       f"{c.p10:.2f}–{c.p90:.2f} ({'met' if c.met else 'missed'})." for c in comps)
+            + " A cost smaller than the per-round spread is not told apart from the noise by this rule; the "
+              "client CPU and server µs columns show where a cost would come from.")
+    info = res.info
+    if info:
+        threads = ", ".join(f"{n} × `{name}`" for name, n in sorted(info.get("threads", {}).items()))
+        still = info.get("still_running") or []
+        out += (f"\n\nAt the end of the rounds: leases still held (each copy's own `is_running`): "
+                f"{', '.join(still) if still else 'none'}; keys of the phase left on the server: "
+                f"{info.get('keys_left', '?')} ({info.get('keys_without_expiry', '?')} without an expiry); threads "
+                f"in the child: {threads} (they end with it). redis-py {info.get('redis_py', '?')}, parser "
+                f"`{info.get('parser_class', '?')}`.")
     if res.error:
         out += f"\n\nStopped: {res.error}"
     return out

@@ -35,9 +35,17 @@ def test_quick_benchmark_runs_and_prints_its_tables() -> None:
     assert "| call | median µs | p99 µs | median × `delay()` |" in out
     assert "## `replicas=1`: uncontended cycle against a master with one replica" in out
     assert "| contender | median µs | p99 µs | median × floor | p99 × floor | median × replicas=0 |" in out
+    assert "## Producer features on the uncontended path: before them, with them (unused), and HEAD" in out
+    assert "#12: producer features cost the uncontended path nothing measurable" in out
+    features = out.split("## Producer features on the uncontended path:", 1)[1].split("\n## ", 1)[0]
+    if "Unavailable:" not in features:  # a checkout without the feature commits says so instead
+        assert "| call | client | version | median µs | p99 µs | × before |" in features, features
+        assert "**Verdict: producer features cost the uncontended path nothing measurable**" in features
+        assert "leases still held (each copy's own `is_running`): none" in features, features
     # No phase may fail on the current library (a failing phase is reported, not raised).
     assert "Phase failed" not in out and "Could not draw this section" not in out, out
-    for heading in ("## Producer side:", "## `replicas=1`:", "## Celery end-to-end:"):
+    for heading in ("## Producer side:", "## `replicas=1`:", "## Producer features on the uncontended path:",
+                    "## Celery end-to-end:"):
         section = out.split(heading, 1)[1].split("\n## ", 1)[0]
         assert "failed" not in section.lower() and "stopped" not in section.lower(), section
     # single_task's own contenders ran every round (peers may be missing where only '.[test]' is installed).
