@@ -1048,7 +1048,8 @@ def _redis_failed(spec: single_run, key: str, client: Any, exc: Exception) -> Op
 # ------------------------------------------------------------------------------------------------
 #
 # A lease in Redis is a hash at ``P{key}``: t (owner token), f (fence), i (Celery task id), h
-# (pid@host), s (taken at, server ms), r (a rerun is owed). Its companions share the hash tag, so
+# (pid@host), s (taken at, server ms), p (":TOKEN" of the lease released last before it, see
+# _RELEASE), r (a rerun is owed), a (the newest arguments). Its companions share the hash tag, so
 # every script touches one Redis Cluster slot; the scripts derive them from KEYS[1]:
 #   :fence   the last fence issued, and after a release ":token" of the lease released last
 #   :q :w    the wait queue (tokens, first come first served) and each waiter's details
@@ -1075,8 +1076,8 @@ end
 """
 
 # Shared Lua: a fence is the server clock in microseconds, above the last one issued for the key
-# (kept ttl + 60 s in :fence), so it grows across expiry and restarts. ``tomb`` is what the fence
-# key remembers besides: the token of the lease released last (see _RELEASE).
+# (kept ttl + 60 s in :fence), so it grows across expiry and restarts. ``tomb`` is ":TOKEN" of the
+# lease released last, which the new lease keeps as p; nil takes it from the fence key.
 _LUA_TAKE: Final = _LUA_MARKER + r"""
 local function expire(key, ms)
   local ok = redis.pcall('PEXPIRE', key, ms)
@@ -1086,21 +1087,26 @@ local function expire(key, ms)
   end
 end
 local function take(lease, token, ttl, tid, holder, tomb)
+  -- The digits are put together from TIME's two strings (seconds, microseconds): string.format
+  -- would cost more than the commands around it.
   local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  local fkey = lease .. ':fence'
-  local old = redis.call('GET', fkey)
+  local us = string.sub('00000' .. t[2], -6)
+  local f, keep = t[1] .. us, tonumber(ttl) + 60000
+  -- One command writes the new fence and reads the last one; a fence not above the last (the
+  -- server's clock stepped back) is written again as the last plus one.
+  local old = redis.call('SET', lease .. ':fence', f, 'PX', keep, 'GET')
   if old then
     local last, rest = string.match(old, '^(%d+)(.*)$')
-    if last and now <= tonumber(last) then now = tonumber(last) + 1 end
-    if tomb == nil then tomb = rest or '' end
+    if last and tonumber(f) <= tonumber(last) then
+      f = string.format('%.0f', tonumber(last) + 1)
+      redis.call('SET', lease .. ':fence', f, 'PX', keep)
+    end
+    if tomb == nil then tomb = rest end
   end
-  local f = string.format('%.0f', now)
-  redis.call('SET', fkey, f .. (tomb or ''), 'PX', tonumber(ttl) + 60000)
-  local since = string.format('%.0f', math.floor(now / 1000))
-  redis.call('HSET', lease, 't', token, 'f', f, 'i', tid, 'h', holder, 's', since)
+  redis.call('HSET', lease, 't', token, 'f', f, 'i', tid, 'h', holder, 's', t[1] .. string.sub(us, 1, 3),
+             'p', tomb or '')
   expire(lease, ttl)
-  return f, now
+  return f
 end
 """
 
@@ -1158,7 +1164,8 @@ if not cur[1] then
   local f = take(lease, token, ttl, tid, ARGV[4])
   unqueue(lease, tid)
   if every > 0 then
-    redis.call('SET', lease .. ':last', f, 'PX', every)
+    -- One ms more: Redis counts the expiry from a whole millisecond, the fence in microseconds.
+    redis.call('SET', lease .. ':last', f, 'PX', every + 1)
     if tid ~= '' and redis.call('GET', lease .. ':trail') == tid then redis.call('DEL', lease .. ':trail') end
   end
   if busy == 'w' then
@@ -1219,11 +1226,26 @@ return 0
 # ARGV: token, next token, ttl ms, mode, interval ms, hand-off ms. Returns {0} not owner, {1}
 # released, {2, fence, arguments} run again, {3, arguments} released although a rerun was owed
 # (mode 'a'), {4, left, arguments} a rerun is owed once the interval has passed.
-_RELEASE: Final = _LUA_TAKE + _LUA_HAND_OFF + r"""
+_RELEASE: Final = r"""
 local lease, token, mode = KEYS[1], ARGV[1], ARGV[4]
-local cur = redis.call('HMGET', lease, 't', 'r', 'f', 'i', 'h', 'a')
+local cur = redis.call('HMGET', lease, 't', 'r', 'f', 'i', 'h', 'a', 'p')
+local owed = cur[2] and mode ~= 't'
+if cur[1] == token and not (cur[2] and mode == 'e') then
+  -- Given back for good: the common case comes first, before any helper is made. The lease's
+  -- own fence is the last one issued (nobody can take one while it is held).
+  redis.call('DEL', lease)
+  redis.call('SET', lease .. ':fence', cur[3] .. ':' .. token, 'PX', tonumber(ARGV[3]) + 60000)
+  if redis.call('EXISTS', lease .. ':q') == 0 then
+    if owed then return {3, cur[6]} end
+    return {1}
+  end
+end
+""" + _LUA_TAKE + _LUA_HAND_OFF + r"""
 if cur[1] ~= token then
   if cur[1] and cur[1] == ARGV[2] then return {2, cur[3], cur[6]} end
+  -- Released already? The token released last is in the lease of whoever took the key since
+  -- (its p), or else in the fence key.
+  if cur[7] == ':' .. token then return {1} end
   local old = redis.call('GET', lease .. ':fence')
   if old and string.sub(old, -#token - 1) == ':' .. token then return {1} end
   return {0}
@@ -1235,15 +1257,11 @@ if cur[2] and mode == 'e' then
   end
   redis.call('HDEL', lease, 'r')
   local f = take(lease, ARGV[2], ARGV[3], cur[4] or '', cur[5] or '', '')
-  if tonumber(ARGV[5]) > 0 then redis.call('SET', lease .. ':last', f, 'PX', ARGV[5]) end
+  if tonumber(ARGV[5]) > 0 then redis.call('SET', lease .. ':last', f, 'PX', tonumber(ARGV[5]) + 1) end
   return {2, f, cur[6]}
 end
-redis.call('DEL', lease)
-local fkey = lease .. ':fence'
-local last = string.match(redis.call('GET', fkey) or '', '^(%d+)') or cur[3]
-redis.call('SET', fkey, last .. ':' .. token, 'PX', tonumber(ARGV[3]) + 60000)
 hand_off(lease, ':' .. token, ARGV[6])
-if cur[2] and mode ~= 't' then return {3, cur[6]} end
+if owed then return {3, cur[6]} end
 return {1}
 """
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 import threading
-from typing import Optional
+from typing import Callable, Optional
 
 
 class DroppingProxy:
@@ -21,6 +21,7 @@ class DroppingProxy:
         self._lock = threading.Lock()
         self._word: Optional[bytes] = None
         self._countdown = 0
+        self._then: Optional[Callable[[], None]] = None
         self.dropped = 0
         self._closed = False
         self._socks: list[socket.socket] = []
@@ -30,10 +31,11 @@ class DroppingProxy:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def drop_reply_to(self, word: bytes, nth: int = 1) -> None:
-        """Drop the connection instead of answering the ``nth`` next request containing ``word``."""
+    def drop_reply_to(self, word: bytes, nth: int = 1, then: Optional[Callable[[], None]] = None) -> None:
+        """Drop the connection instead of answering the ``nth`` next request containing ``word``;
+        ``then`` runs once Redis has answered it, before the client is cut off."""
         with self._lock:
-            self._word, self._countdown = word, nth
+            self._word, self._countdown, self._then = word, nth, then
 
     def _accept(self) -> None:
         while not self._closed:
@@ -70,6 +72,8 @@ class DroppingProxy:
                     swallow.set()
                     upstream.sendall(data)
                     answered.wait(5)
+                    if self._then is not None:
+                        self._then()
                     self.dropped += 1
                     break
                 upstream.sendall(data)
