@@ -1439,7 +1439,7 @@ def _call(client: Any, script: str, redis_key: str, *args: Any) -> Any:
         if pool is not None and pool is client.connection_pool:
             packed = _pack(script, redis_key, args)
             if packed is not None:
-                return _send_direct(pool, route[2], route[3], packed)
+                return _send_direct(pool, route[2], route[3], route[4], packed)
         return client.evalsha(_SHA[script], 1, redis_key, *args)
     except redis.exceptions.NoScriptError:
         if len(_unloaded) >= 1000:  # bounded: a forgotten client pays a NOSCRIPT per script
@@ -1463,7 +1463,8 @@ _unloaded: dict[int, set[str]] = {}  # client id -> scripts its server has lost 
 # pool, fakeredis, client-side caching, a single-connection client, a subclass that overrides how
 # commands are sent, a custom EVALSHA callback, an encoding other than UTF-8 -- takes the normal
 # path. A client is judged once, at its first call; what redis-py's observability hooks (8.x)
-# would record about these commands is not recorded.
+# would record about these commands is not recorded. A client the library made itself (from a
+# URL) goes one step further and keeps the connections of its scripts, see _Kept.
 
 _REDIS_DIR: Final = os.path.dirname(os.path.abspath(redis.__file__)) + os.sep
 _CLIENT_METHODS: Final = ("execute_command", "_execute_command", "_send_command_parse_response", "parse_response",
@@ -1471,8 +1472,9 @@ _CLIENT_METHODS: Final = ("execute_command", "_execute_command", "_send_command_
 _CONNECTION_METHODS: Final = ("send_packed_command", "read_response", "disconnect", "connect")
 _RETRY_ON_ERROR_GATED: Final = hasattr(redis.Redis, "_disconnect_raise")  # redis-py < 5.1
 # A route: (weak reference to the client, its pool or None for the normal path, the arguments
-# of pool.get_connection, whether connections may ask to reconnect after a command).
-_Route = tuple[Callable[[], Any], Any, tuple[str, ...], bool]
+# of pool.get_connection, whether connections may ask to reconnect after a command, the kept
+# connections of a client the library made).
+_Route = tuple[Callable[[], Any], Any, tuple[str, ...], bool, Optional["_Kept"]]
 _routes: dict[int, _Route] = {}
 _routes_lock = threading.Lock()
 _prefixes: dict[str, dict[str, bytes]] = {}  # script -> redis key -> the packed "EVALSHA sha 1 key"
@@ -1484,21 +1486,29 @@ def _route(client: Any) -> _Route:
     pool = _direct_pool(client)
     checkout: tuple[str, ...] = ()
     reconnect = False
+    kept = None
     if pool is not None:
-        # redis-py < 5.3 requires a command name here, and warns about one from 5.3 on.
-        parameter = inspect.signature(type(pool).get_connection).parameters.get("command_name")
-        checkout = ("EVALSHA",) if parameter is not None and parameter.default is parameter.empty else ()
+        checkout = _checkout_arguments(pool)
         reconnect = callable(getattr(pool.connection_class, "should_reconnect", None))
+        kept = _kept.get(id(client))
+        if kept is not None and kept.pool is not pool:
+            kept = None
     try:
         ref: Callable[[], Any] = weakref.ref(client)
     except TypeError:  # not weakly referenceable: judged at every call (nothing is remembered)
-        return (lambda: client, None, (), False)
-    route: _Route = (ref, pool, checkout, reconnect)
+        return (lambda: client, None, (), False, None)
+    route: _Route = (ref, pool, checkout, reconnect, kept)
     with _routes_lock:
         if len(_routes) >= 256:
             _routes.clear()
         _routes[id(client)] = route
     return route
+
+
+def _checkout_arguments(pool: Any) -> tuple[str, ...]:
+    # redis-py < 5.3 requires a command name here, and warns about one from 5.3 on.
+    parameter = inspect.signature(type(pool).get_connection).parameters.get("command_name")
+    return ("EVALSHA",) if parameter is not None and parameter.default is parameter.empty else ()
 
 
 def _direct_pool(client: Any) -> Any:
@@ -1561,8 +1571,8 @@ def _pack(script: str, redis_key: str, args: tuple[Any, ...]) -> Optional[bytes]
     return b"".join(parts)
 
 
-def _send_direct(pool: Any, checkout: tuple[str, ...], reconnect: bool, packed: bytes) -> Any:
-    conn = pool.get_connection(*checkout)
+def _send_direct(pool: Any, checkout: tuple[str, ...], reconnect: bool, kept: Optional[_Kept], packed: bytes) -> Any:
+    conn = pool.get_connection(*checkout) if kept is None else kept.take()
     try:
         return conn.retry.call_with_retry(lambda: _round_trip(conn, packed), lambda error: _dropped(conn, error))
     finally:
@@ -1571,7 +1581,64 @@ def _send_direct(pool: Any, checkout: tuple[str, ...], reconnect: bool, packed: 
                 conn.disconnect()
                 conn.connect()
         finally:
-            pool.release(conn)
+            if kept is None:
+                pool.release(conn)
+            else:
+                kept.give(conn)
+
+
+class _Kept:
+    """The connections that a client the library made keeps out of its pool for the scripts.
+
+    Taking a connection from redis-py's pool and giving it back costs several microseconds a
+    command (redis-py 8: more than the library's own Python for a whole run). The library's own
+    clients (made from a URL: nobody else sends through them) therefore take a connection from the
+    pool once and keep it for their scripts (up to _KEPT_IDLE of them, for commands in flight at
+    once). The pool still owns them: closing it disconnects them too, and they connect again on next
+    use. A client passed in is used as configured: a connection from its pool per command.
+    """
+
+    __slots__ = ("checkout", "idle", "pid", "pool")
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.checkout = _checkout_arguments(pool)
+        self.pid = _holder.pid
+        self.idle: list[Any] = []  # list.pop and append are atomic: no lock on the hot path
+
+    def take(self) -> Any:
+        if self.pid != _holder.pid:
+            # A forked child: the parent's sockets are not its own (its pool starts afresh too).
+            self.pid, self.idle = _holder.pid, []
+        try:
+            conn = self.idle.pop()
+        except IndexError:
+            return self.pool.get_connection(*self.checkout)
+        # What the pool checks at every checkout: a connection with bytes waiting, or closed by
+        # the server, is connected anew (redis-py already drops one whose command was cut off).
+        try:
+            stale = conn.can_read()
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+            stale = True
+        if stale:
+            conn.disconnect()
+        return conn
+
+    def give(self, conn: Any) -> None:
+        if self.pid != _holder.pid:
+            return
+        if len(self.idle) < _KEPT_IDLE:
+            self.idle.append(conn)
+        else:
+            self.pool.release(conn)
+
+
+# At most this many idle connections are kept per client: beyond them, commands in flight at once
+# give theirs back to the pool, so the pool's own limit (100 in redis-py 8) stays for its other uses.
+_KEPT_IDLE: Final = 8
+
+
+_kept: dict[int, _Kept] = {}  # id of a client in _clients -> its kept connections (clients live on)
 
 
 def _round_trip(conn: Any, packed: bytes) -> Any:
@@ -1960,6 +2027,8 @@ def _check_client(client: Any) -> Any:
 
 def _check_url(url: str, what: str) -> str:
     """Refuse a URL that is not Redis's or that redis-py cannot parse, naming where it came from."""
+    if url in _valid_urls:  # parsing costs more than a whole run's own Python: once per URL
+        return url
     if not url.startswith(_URL_SCHEMES):
         raise ConfigurationError(f"{what} {_redact(url)!r} is not a Redis URL; use redis://, rediss:// or unix://")
     try:
@@ -1975,7 +2044,12 @@ def _check_url(url: str, what: str) -> str:
         raise ConfigurationError(
             f"{what} {_redact(url)!r} names database {db!r}; a Redis database is a number, e.g. redis://host:6379/0"
         )
+    if len(_valid_urls) < 256:
+        _valid_urls.add(url)
     return url
+
+
+_valid_urls: set[str] = set()
 
 
 def _client_of(spec: single_run, task: Any) -> Any:
@@ -2008,6 +2082,7 @@ def _client_for_url(url: str) -> Any:
                 options["socket_connect_timeout"] = 5.0
             client = redis.Redis.from_url(url, **options)
             _clients[url] = client
+            _kept[id(client)] = _Kept(client.connection_pool)
         return client
 
 

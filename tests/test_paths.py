@@ -21,6 +21,7 @@ from single_task import AlreadyRunning, Lease, RedisUnavailable, current_lease, 
 from support.proxy import DroppingProxy
 from support.redis_server import RedisServer
 from tests.test_core import held_elsewhere
+from tests.test_lifecycle import run_script
 
 
 class NormalPathRedis(redis.Redis):
@@ -38,17 +39,25 @@ def takes_direct_path(client: Any) -> bool:
     return single_task._route(client)[1] is not None
 
 
-@pytest.fixture(params=["direct", "normal"])
-def make_client(request: pytest.FixtureRequest) -> MakeClient:
-    """Builds a client from a URL that takes the path this test runs on (and checks it does)."""
-    cls = redis.Redis if request.param == "direct" else NormalPathRedis
+@pytest.fixture(params=["direct", "kept", "normal"])
+def make_client(request: pytest.FixtureRequest) -> Iterator[MakeClient]:
+    """Builds a client from a URL that takes the path this test runs on (and checks it does):
+    direct, direct keeping its connections as a client the library made does, or redis-py's own."""
+    cls = NormalPathRedis if request.param == "normal" else redis.Redis
+    made: list[redis.Redis] = []
 
     def make(url: str, **kwargs: Any) -> redis.Redis:
         client = cls.from_url(url, **kwargs)
-        assert takes_direct_path(client) == (request.param == "direct")
+        if request.param == "kept":
+            single_task._kept[id(client)] = single_task._Kept(client.connection_pool)
+        made.append(client)
+        assert takes_direct_path(client) == (request.param != "normal")
+        assert (single_task._route(client)[4] is not None) == (request.param == "kept")
         return client
 
-    return make
+    yield make
+    for client in made:
+        single_task._kept.pop(id(client), None)
 
 
 def evalsha_calls(r: redis.Redis) -> tuple[int, int]:
@@ -301,6 +310,116 @@ def test_a_plain_client_sends_its_scripts_without_redis_pys_command_layer(redis_
     assert direct_calls.count("send_packed_command") == 2 and direct_calls.count("read_response") >= 2
     assert "execute_command" not in direct_calls and "evalsha" not in direct_calls
     assert normal_calls.count("execute_command") == 2 and normal_calls.count("evalsha") == 2
+
+
+def test_a_client_made_from_a_url_keeps_the_connection_of_its_scripts(fresh_server: RedisServer) -> None:
+    redis_url = fresh_server.url
+    job = single_run(key="paths-kept", client=redis_url)(lambda: "ran")
+    assert job() == "ran"
+    mine = single_task._clients[redis_url]
+    assert single_task._route(mine)[4] is not None
+    calls = calls_during(job)
+    assert "get_connection" not in calls and "release" not in calls  # not from the pool per command
+    assert calls.count("send_packed_command") == 2
+    for _ in range(20):
+        assert job() == "ran"
+    # One connection served every script (the server has no other client that sent one).
+    assert [c["cmd"] for c in fresh_server.client().client_list()].count("evalsha") == 1
+    # A client passed in still takes a connection from its pool for each command.
+    passed = single_run(key="paths-kept", client=redis.Redis.from_url(redis_url))(lambda: "ran")
+    passed()
+    assert calls_during(passed).count("get_connection") == 2
+
+
+def test_a_kept_connection_that_the_server_closed_is_connected_anew(fresh_server: RedisServer) -> None:
+    r = fresh_server.client(decode_responses=True)
+    client = redis.Redis.from_url(fresh_server.url, retry=Retry(NoBackoff(), 0))  # no retry to hide behind
+    single_task._kept[id(client)] = single_task._Kept(client.connection_pool)
+    try:
+        job = single_run(key="paths-killed", client=client)(lambda: current_lease())
+        assert job() is not None
+        (kept,) = [c for c in r.client_list() if c["cmd"] == "evalsha"]
+        r.client_kill_filter(_id=kept["id"])
+        time.sleep(0.05)
+        for _ in range(3):
+            lease = job()
+            assert lease is not None and not lease.lost
+        client.close()  # the pool disconnects what it lent out, kept connections too
+        assert job() is not None
+    finally:
+        single_task._kept.pop(id(client), None)
+    assert not r.exists("single_task:{paths-killed}")
+
+
+def test_threads_on_a_client_made_from_a_url_each_read_their_own_replies(redis_url: str, r: redis.Redis) -> None:
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        @single_run(key=f"paths-threads-{n}", client=redis_url)
+        def job() -> None:
+            lease = current_lease()
+            assert lease is not None
+            assert r.hget(f"single_task:{{paths-threads-{n}}}", "f") == str(lease.fence)
+
+        try:
+            for _ in range(100):
+                job()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    kept = single_task._route(single_task._clients[redis_url])[4]
+    assert kept is not None and 1 <= len(kept.idle) <= 8
+
+
+def test_a_forked_child_never_sends_on_its_parents_kept_connection(redis_url: str) -> None:
+    out = run_script("""
+        import os, sys, time, redis, single_task
+        from single_task import current_lease, single_run
+        url = os.environ["URL"]
+        r = redis.Redis.from_url(url, decode_responses=True)
+
+        def cycles(name, seconds):
+            @single_run(key=name, client=url, ttl=5)
+            def job():
+                lease = current_lease()
+                assert r.hget("single_task:{%s}" % name, "f") == str(lease.fence), "another key's reply"
+                return lease
+
+            until = time.monotonic() + seconds
+            while time.monotonic() < until:
+                lease = job()
+                assert lease is not None and not lease.lost
+                assert not r.exists("single_task:{%s}" % name)  # released
+
+        def ports():
+            kept = single_task._route(single_task._clients[url])[4]
+            return sorted(c._sock.getsockname()[1] for c in kept.idle if c._sock is not None)
+
+        cycles("parent", 0.1)  # the parent now keeps a connection, idle at the fork
+        parents = ports()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                cycles("child", 0.1)
+                assert not set(ports()) & set(parents), "the child sent on its parent's socket"
+                cycles("child", 1.0)
+            except BaseException as exc:
+                print("child:", repr(exc), file=sys.stderr)
+                os._exit(1)
+            os._exit(0)
+        time.sleep(0.3)
+        cycles("parent", 1.0)  # at the same time, on the connection it kept
+        _, status = os.waitpid(pid, 0)
+        print(len(parents), os.waitstatus_to_exitcode(status))
+    """, redis_url)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1 0", out.stderr
 
 
 @pytest.mark.parametrize("args", [
