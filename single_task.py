@@ -1463,8 +1463,8 @@ _unloaded: dict[int, set[str]] = {}  # client id -> scripts its server has lost 
 # pool, fakeredis, client-side caching, a single-connection client, a subclass that overrides how
 # commands are sent, a custom EVALSHA callback, an encoding other than UTF-8 -- takes the normal
 # path. A client is judged once, at its first call; what redis-py's observability hooks (8.x)
-# would record about these commands is not recorded. A client the library made itself (from a
-# URL) goes one step further and keeps the connections of its scripts, see _Kept.
+# would record about these commands is not recorded. With a pool of redis-py's default kind and
+# size it goes one step further and keeps the connections of its scripts, see _Kept.
 
 _REDIS_DIR: Final = os.path.dirname(os.path.abspath(redis.__file__)) + os.sep
 _CLIENT_METHODS: Final = ("execute_command", "_execute_command", "_send_command_parse_response", "parse_response",
@@ -1490,9 +1490,7 @@ def _route(client: Any) -> _Route:
     if pool is not None:
         checkout = _checkout_arguments(pool)
         reconnect = callable(getattr(pool.connection_class, "should_reconnect", None))
-        kept = _kept.get(id(client))
-        if kept is not None and kept.pool is not pool:
-            kept = None
+        kept = _kept_for(pool)
     try:
         ref: Callable[[], Any] = weakref.ref(client)
     except TypeError:  # not weakly referenceable: judged at every call (nothing is remembered)
@@ -1588,20 +1586,21 @@ def _send_direct(pool: Any, checkout: tuple[str, ...], reconnect: bool, kept: Op
 
 
 class _Kept:
-    """The connections that a client the library made keeps out of its pool for the scripts.
+    """The connections a pool lends to the scripts for good, instead of once per command.
 
     Taking a connection from redis-py's pool and giving it back costs several microseconds a
-    command (redis-py 8: more than the library's own Python for a whole run). The library's own
-    clients (made from a URL: nobody else sends through them) therefore take a connection from the
-    pool once and keep it for their scripts (up to _KEPT_IDLE of them, for commands in flight at
-    once). The pool still owns them: closing it disconnects them too, and they connect again on next
-    use. A client passed in is used as configured: a connection from its pool per command.
+    command (redis-py 8: more than the library's own Python for a whole run). With a pool of
+    redis-py's default kind and size (a ConnectionPool allowing at least _KEPT_MIN_POOL
+    connections; every client made from a URL has one), the scripts therefore take a connection
+    from the pool once and keep it, up to _KEPT_IDLE idle ones for the commands in flight at once.
+    The pool still owns them: closing it disconnects them too, and they connect again on next use.
+    A pool configured smaller, or a blocking one, lends a connection per command as configured.
     """
 
-    __slots__ = ("checkout", "idle", "pid", "pool")
+    __slots__ = ("_pool", "checkout", "idle", "pid")
 
     def __init__(self, pool: Any) -> None:
-        self.pool = pool
+        self._pool = weakref.ref(pool)  # kept as long as the pool, not longer (see _kept_for)
         self.checkout = _checkout_arguments(pool)
         self.pid = _holder.pid
         self.idle: list[Any] = []  # list.pop and append are atomic: no lock on the hot path
@@ -1613,7 +1612,7 @@ class _Kept:
         try:
             conn = self.idle.pop()
         except IndexError:
-            return self.pool.get_connection(*self.checkout)
+            return self._pool().get_connection(*self.checkout)  # type: ignore[union-attr]
         # What the pool checks at every checkout: a connection with bytes waiting, or closed by
         # the server, is connected anew (redis-py already drops one whose command was cut off).
         try:
@@ -1630,15 +1629,24 @@ class _Kept:
         if len(self.idle) < _KEPT_IDLE:
             self.idle.append(conn)
         else:
-            self.pool.release(conn)
+            self._pool().release(conn)  # type: ignore[union-attr]
 
 
-# At most this many idle connections are kept per client: beyond them, commands in flight at once
-# give theirs back to the pool, so the pool's own limit (100 in redis-py 8) stays for its other uses.
+# A pool lends its connections for good only while it allows this many (redis-py 8's default,
+# 2**31 before): at most _KEPT_IDLE idle ones, so that most of it stays for its other uses.
+_KEPT_MIN_POOL: Final = 100
 _KEPT_IDLE: Final = 8
+_kept: weakref.WeakKeyDictionary[Any, _Kept] = weakref.WeakKeyDictionary()  # pool -> its kept connections
 
 
-_kept: dict[int, _Kept] = {}  # id of a client in _clients -> its kept connections (clients live on)
+def _kept_for(pool: Any) -> Optional[_Kept]:
+    if type(pool) is not redis.ConnectionPool or getattr(pool, "max_connections", 0) < _KEPT_MIN_POOL:
+        return None
+    with _routes_lock:
+        kept = _kept.get(pool)
+        if kept is None:
+            kept = _kept[pool] = _Kept(pool)
+        return kept
 
 
 def _round_trip(conn: Any, packed: bytes) -> Any:
@@ -2082,7 +2090,6 @@ def _client_for_url(url: str) -> Any:
                 options["socket_connect_timeout"] = 5.0
             client = redis.Redis.from_url(url, **options)
             _clients[url] = client
-            _kept[id(client)] = _Kept(client.connection_pool)
         return client
 
 

@@ -210,6 +210,19 @@ def build_st_decorated(env: Env, key: str) -> Cycle:
     return cycle
 
 
+def build_st_decorated_per_command(env: Env, key: str) -> Cycle:
+    # A pool configured below redis-py's default size lends a connection for each command.
+    @single_run(key=key, client=env.client(max_connections=50))
+    def job() -> int:
+        return 1
+
+    def cycle() -> None:
+        if job() != 1:
+            raise RuntimeError("single_task: decorated call did not run")
+
+    return cycle
+
+
 def build_st_template(env: Env, key: str) -> Cycle:
     @single_run(key=key + ":{account_id}", client=env.client())
     def job(account_id: int, full: bool = False) -> int:
@@ -222,50 +235,10 @@ def build_st_template(env: Env, key: str) -> Cycle:
     return cycle
 
 
-# The same, with Redis given as a URL: the client the library makes for it itself, which is also
-# what a task gets when the library finds Redis through its Celery app (no client= at all).
-
-
-def build_st_with_url(env: Env, key: str) -> Cycle:
-    url = env.url
-
-    def cycle() -> None:
-        with single_run(key=key, client=url):
-            pass
-
-    return cycle
-
-
-def build_st_with_prebuilt_url(env: Env, key: str) -> Cycle:
-    spec = single_run(key=key, client=env.url)
-
-    def cycle() -> None:
-        with spec:
-            pass
-
-    return cycle
-
-
-def build_st_decorated_url(env: Env, key: str) -> Cycle:
-    @single_run(key=key, client=env.url)
-    def job() -> int:
-        return 1
-
-    def cycle() -> None:
-        if job() != 1:
-            raise RuntimeError("single_task: decorated call did not run")
-
-    return cycle
-
-
-def build_st_skip_url(env: Env, key: str) -> Cycle:
-    return _build_st_busy(env, key, "skip", env.url)
-
-
-def _build_st_busy(env: Env, key: str, on_busy: Any, client: Any = None) -> Cycle:
+def _build_st_busy(env: Env, key: str, on_busy: Any) -> Cycle:
     hold_with_single_task(env, key)
 
-    @single_run(key=key, client=env.client() if client is None else client, on_busy=on_busy)
+    @single_run(key=key, client=env.client(), on_busy=on_busy)
     def job() -> int:
         return 1
 
@@ -442,18 +415,12 @@ CONTENDERS: list[Contender] = [
               release=OWNER_CHECKED, renewal=ST_RENEWAL),
     Contender("single_task: decorated call", "cycle", build_st_decorated,
               release=OWNER_CHECKED, renewal=ST_RENEWAL, note="constant key"),
+    Contender("single_task: decorated call, pool of 50 (a connection per command)", "cycle",
+              build_st_decorated_per_command, release=OWNER_CHECKED, renewal=ST_RENEWAL,
+              note="a pool configured smaller than redis-py's default lends a connection per command"),
     Contender("single_task: decorated call, key `…:{account_id}`", "cycle", build_st_template,
               release=OWNER_CHECKED, renewal=ST_RENEWAL, note="key rendered from the arguments"),
     Contender("single_task: decorated call, key busy → skip", "busy", build_st_skip,
-              note="returns None"),
-    Contender("single_task: `with single_run(...)` block, Redis from a URL", "cycle", build_st_with_url,
-              release=OWNER_CHECKED, renewal=ST_RENEWAL, note="single_run(key=..., client=URL) built per use"),
-    Contender("single_task: `with spec` (built once), Redis from a URL", "cycle", build_st_with_prebuilt_url,
-              release=OWNER_CHECKED, renewal=ST_RENEWAL),
-    Contender("single_task: decorated call, Redis from a URL", "cycle", build_st_decorated_url,
-              release=OWNER_CHECKED, renewal=ST_RENEWAL,
-              note="client=URL: the library's own client, as when Redis is found from the Celery app"),
-    Contender("single_task: decorated call, key busy → skip, Redis from a URL", "busy", build_st_skip_url,
               note="returns None"),
     Contender("single_task: decorated call, key busy → rerun request", "busy", build_st_rerun_request,
               note="marks the holder to run once more"),

@@ -32,10 +32,6 @@ ST_WITH = "single_task: `with single_run(...)` block"
 ST_WITH_ONCE = "single_task: `with spec` (single_run built once)"
 ST_DECORATED = "single_task: decorated call"
 ST_SKIP = "single_task: decorated call, key busy → skip"
-ST_WITH_URL = "single_task: `with single_run(...)` block, Redis from a URL"
-ST_WITH_ONCE_URL = "single_task: `with spec` (built once), Redis from a URL"
-ST_DECORATED_URL = "single_task: decorated call, Redis from a URL"
-ST_SKIP_URL = "single_task: decorated call, key busy → skip, Redis from a URL"
 RPY_LOCK = "redis-py `Lock` (`with r.lock(...)`)"
 PRL = "python-redis-lock"
 ST_WAIT = WAITERS[0].name
@@ -47,30 +43,15 @@ SERVER_TARGET_US = 30.0
 SOLO_TARGET = 0.95
 
 # (label, contender, base, limit, parsers the limit applies to); the limits of the issue
-# Each target twice: with Redis given as a URL (the library's own client, which is also what a task
-# gets when Redis is found from its Celery app) and with a redis.Redis passed in.
-_URL, _PASSED = "Redis from a URL", "a redis.Redis passed in"
-
-
-def _both(label: str, with_url: str, passed: str, base: str, limit: float,
-          parsers: tuple[str, ...]) -> list[tuple[str, str, str, float, tuple[str, ...]]]:
-    return [(f"{label}, {_URL}", with_url, base, limit, parsers), (f"{label}, {_PASSED}", passed, base, limit, parsers)]
-
-
 RATIO_TARGETS: list[tuple[str, str, str, float, tuple[str, ...]]] = [
-    *_both("decorated call ≤ 1.10× the floor (pure-Python parser)", ST_DECORATED_URL, ST_DECORATED, FLOOR, 1.10,
-           ("python",)),
-    *_both("decorated call ≤ 1.05× the floor with hiredis", ST_DECORATED_URL, ST_DECORATED, FLOOR, 1.05,
-           ("hiredis",)),
-    *_both("stretch: decorated call ≤ 1.05× the floor without hiredis", ST_DECORATED_URL, ST_DECORATED, FLOOR,
-           1.05, ("python",)),
-    *_both("`with` block, `single_run` built once ≤ 1.10× the floor (pure-Python parser)", ST_WITH_ONCE_URL,
-           ST_WITH_ONCE, FLOOR, 1.10, ("python",)),
-    *_both("`with` block, `single_run` built once ≤ 1.05× the floor with hiredis", ST_WITH_ONCE_URL, ST_WITH_ONCE,
-           FLOOR, 1.05, ("hiredis",)),
-    *_both("`with single_run(...)` built per use ≤ 1.15× the floor", ST_WITH_URL, ST_WITH, FLOOR, 1.15,
-           ("python", "hiredis")),
-    *_both("busy key, skip path ≤ 1.00× one `SET NX`", ST_SKIP_URL, ST_SKIP, BUSY_FLOOR, 1.00, ("python", "hiredis")),
+    ("decorated call ≤ 1.10× the floor (pure-Python parser)", ST_DECORATED, FLOOR, 1.10, ("python",)),
+    ("decorated call ≤ 1.05× the floor with hiredis", ST_DECORATED, FLOOR, 1.05, ("hiredis",)),
+    ("stretch: decorated call ≤ 1.05× the floor without hiredis", ST_DECORATED, FLOOR, 1.05, ("python",)),
+    ("`with` block, `single_run` built once ≤ 1.10× the floor (pure-Python parser)", ST_WITH_ONCE, FLOOR, 1.10,
+     ("python",)),
+    ("`with` block, `single_run` built once ≤ 1.05× the floor with hiredis", ST_WITH_ONCE, FLOOR, 1.05, ("hiredis",)),
+    ("`with single_run(...)` built per use ≤ 1.15× the floor", ST_WITH, FLOOR, 1.15, ("python", "hiredis")),
+    ("busy key, skip path ≤ 1.00× one `SET NX`", ST_SKIP, BUSY_FLOOR, 1.00, ("python", "hiredis")),
 ]
 
 
@@ -286,9 +267,7 @@ def _targets(data: dict[str, Any]) -> str:
             rows.append(_ratio_row(label, measured.get(parser), _parsers(lat), parser, name, base, limit))
     for peer in (RPY_LOCK, PRL):
         for parser in PARSERS:
-            for how, ours in ((_URL, ((ST_DECORATED_URL, "decorated"), (ST_WITH_ONCE_URL, "with once"))),
-                              (_PASSED, ((ST_DECORATED, "decorated"), (ST_WITH_ONCE, "with once")))):
-                rows.append(_peer_row(peer, measured.get(parser), _parsers(lat), parser, how, ours))
+            rows.append(_peer_row(peer, measured.get(parser), _parsers(lat), parser))
     rows.append(_handoff_row(data.get("handoff")))
     rows.append(_server_row(lat))
     rows.append(_solo_row(data.get("e2e")))
@@ -346,9 +325,8 @@ def _ratio_row(label: str, res: Optional[ParserResult], results: list[ParserResu
             _verdict(r <= limit), _over(r, limit)]
 
 
-def _peer_row(peer: str, res: Optional[ParserResult], results: list[ParserResult], parser: str, how: str,
-              ours: tuple[tuple[str, str], ...]) -> list[str]:
-    label = f"decorated call and `with` (built once) faster than {peer.split(' (')[0]}, {how}"
+def _peer_row(peer: str, res: Optional[ParserResult], results: list[ParserResult], parser: str) -> list[str]:
+    label = f"decorated call and `with` (built once) faster than {peer.split(' (')[0]}"
     if res is None:
         return _not_measured(label, parser, results)
     p = res.timed.get(peer)
@@ -356,7 +334,7 @@ def _peer_row(peer: str, res: Optional[ParserResult], results: list[ParserResult
         return [f"{label} [{parser}]", "not measured", "n/a",
                 res.unavailable.get(peer) or (p.error if p else None) or "not run"]
     parts, oks, spare = [], [], []
-    for name, short in ours:
+    for name, short in ((ST_DECORATED, "decorated"), (ST_WITH_ONCE, "with once")):
         t = res.timed.get(name)
         if not t or not t.samples:
             parts.append(f"{short}: not measured")
@@ -427,14 +405,13 @@ def _solo_row(results: Any) -> list[str]:
 def _round_trip_row(lat: Any) -> list[str]:
     label = "round trips: 2 per uncontended run (decorated, `with`), 1 for a busy call"
     counts = _counts_of(lat)
-    want = {ST_DECORATED: 2.0, ST_WITH_ONCE: 2.0, ST_WITH: 2.0, ST_SKIP: 1.0, ST_DECORATED_URL: 2.0, ST_SKIP_URL: 1.0}
+    want = {ST_DECORATED: 2.0, ST_WITH_ONCE: 2.0, ST_WITH: 2.0, ST_SKIP: 1.0}
     got = {n: counts[n].round_trips for n in want if n in counts}
     if len(got) < len(want):
         return [label, "not measured", "n/a", "no counts"]
     ok = all(abs(got[n] - want[n]) < 1e-9 for n in want)
     shown = (f"decorated {got[ST_DECORATED]:.2f}, with once {got[ST_WITH_ONCE]:.2f}, with per use "
-             f"{got[ST_WITH]:.2f}, skip {got[ST_SKIP]:.2f}; Redis from a URL: decorated "
-             f"{got[ST_DECORATED_URL]:.2f}, skip {got[ST_SKIP_URL]:.2f}")
+             f"{got[ST_WITH]:.2f}, skip {got[ST_SKIP]:.2f}")
     return [label, shown, _verdict(ok), "—" if ok else "round trips differ from the target"]
 
 

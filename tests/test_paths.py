@@ -39,25 +39,26 @@ def takes_direct_path(client: Any) -> bool:
     return single_task._route(client)[1] is not None
 
 
-@pytest.fixture(params=["direct", "kept", "normal"])
-def make_client(request: pytest.FixtureRequest) -> Iterator[MakeClient]:
-    """Builds a client from a URL that takes the path this test runs on (and checks it does):
-    direct, direct keeping its connections as a client the library made does, or redis-py's own."""
+def keeps_connections(client: Any) -> bool:
+    return single_task._route(client)[4] is not None
+
+
+@pytest.fixture(params=["kept", "direct", "normal"])
+def make_client(request: pytest.FixtureRequest) -> MakeClient:
+    """Builds a client from a URL that takes the path this test runs on (and checks it does): the
+    direct path keeping its connections (redis-py's default pool), the direct path with a
+    connection from the pool per command (a pool configured smaller), or redis-py's own."""
     cls = NormalPathRedis if request.param == "normal" else redis.Redis
-    made: list[redis.Redis] = []
 
     def make(url: str, **kwargs: Any) -> redis.Redis:
+        if request.param == "direct":
+            kwargs.setdefault("max_connections", 50)
         client = cls.from_url(url, **kwargs)
-        if request.param == "kept":
-            single_task._kept[id(client)] = single_task._Kept(client.connection_pool)
-        made.append(client)
         assert takes_direct_path(client) == (request.param != "normal")
-        assert (single_task._route(client)[4] is not None) == (request.param == "kept")
+        assert keeps_connections(client) == (request.param == "kept")
         return client
 
-    yield make
-    for client in made:
-        single_task._kept.pop(id(client), None)
+    return make
 
 
 def evalsha_calls(r: redis.Redis) -> tuple[int, int]:
@@ -312,42 +313,49 @@ def test_a_plain_client_sends_its_scripts_without_redis_pys_command_layer(redis_
     assert normal_calls.count("execute_command") == 2 and normal_calls.count("evalsha") == 2
 
 
-def test_a_client_made_from_a_url_keeps_the_connection_of_its_scripts(fresh_server: RedisServer) -> None:
+def test_a_pool_of_redis_pys_default_kind_lends_its_connections_to_the_scripts_for_good(
+        fresh_server: RedisServer) -> None:
     redis_url = fresh_server.url
-    job = single_run(key="paths-kept", client=redis_url)(lambda: "ran")
-    assert job() == "ran"
-    mine = single_task._clients[redis_url]
-    assert single_task._route(mine)[4] is not None
-    calls = calls_during(job)
-    assert "get_connection" not in calls and "release" not in calls  # not from the pool per command
-    assert calls.count("send_packed_command") == 2
-    for _ in range(20):
+    for client in (redis_url, redis.Redis.from_url(redis_url), redis.Redis(port=fresh_server.port)):
+        job = single_run(key="paths-kept", client=client)(lambda: "ran")
         assert job() == "ran"
-    # One connection served every script (the server has no other client that sent one).
-    assert [c["cmd"] for c in fresh_server.client().client_list()].count("evalsha") == 1
-    # A client passed in still takes a connection from its pool for each command.
-    passed = single_run(key="paths-kept", client=redis.Redis.from_url(redis_url))(lambda: "ran")
-    passed()
-    assert calls_during(passed).count("get_connection") == 2
+        calls = calls_during(job)
+        assert "get_connection" not in calls and "release" not in calls  # not from the pool per command
+        assert calls.count("send_packed_command") == 2
+    assert keeps_connections(single_task._clients[redis_url])
+    r = fresh_server.client()
+    for c in r.client_list():
+        if c["cmd"] == "evalsha":
+            r.client_kill_filter(_id=c["id"])
+    url_job = single_run(key="paths-kept", client=redis_url)(lambda: "ran")
+    for _ in range(20):
+        assert url_job() == "ran"
+    # One connection served every script of the client (the server has no other that sent one).
+    assert [c["cmd"] for c in r.client_list()].count("evalsha") == 1
+    # A pool configured smaller, or a blocking one, lends a connection for each command.
+    for pool in (redis.ConnectionPool.from_url(redis_url, max_connections=10),
+                 redis.BlockingConnectionPool.from_url(redis_url, max_connections=200)):
+        client = redis.Redis(connection_pool=pool)
+        assert takes_direct_path(client) and not keeps_connections(client)
+        passed = single_run(key="paths-kept", client=client)(lambda: "ran")
+        passed()
+        assert calls_during(passed).count("get_connection") == 2
 
 
 def test_a_kept_connection_that_the_server_closed_is_connected_anew(fresh_server: RedisServer) -> None:
     r = fresh_server.client(decode_responses=True)
     client = redis.Redis.from_url(fresh_server.url, retry=Retry(NoBackoff(), 0))  # no retry to hide behind
-    single_task._kept[id(client)] = single_task._Kept(client.connection_pool)
-    try:
-        job = single_run(key="paths-killed", client=client)(lambda: current_lease())
-        assert job() is not None
-        (kept,) = [c for c in r.client_list() if c["cmd"] == "evalsha"]
-        r.client_kill_filter(_id=kept["id"])
-        time.sleep(0.05)
-        for _ in range(3):
-            lease = job()
-            assert lease is not None and not lease.lost
-        client.close()  # the pool disconnects what it lent out, kept connections too
-        assert job() is not None
-    finally:
-        single_task._kept.pop(id(client), None)
+    assert keeps_connections(client)
+    job = single_run(key="paths-killed", client=client)(lambda: current_lease())
+    assert job() is not None
+    (kept,) = [c for c in r.client_list() if c["cmd"] == "evalsha"]
+    r.client_kill_filter(_id=kept["id"])
+    time.sleep(0.05)
+    for _ in range(3):
+        lease = job()
+        assert lease is not None and not lease.lost
+    client.close()  # the pool disconnects what it lent out, kept connections too
+    assert job() is not None
     assert not r.exists("single_task:{paths-killed}")
 
 
