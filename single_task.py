@@ -1555,6 +1555,27 @@ def _pack(script: str, redis_key: str, args: tuple[Any, ...]) -> Optional[bytes]
             _SHA[script].encode(), len(key), key)
     count = len(args) + 4
     parts = [_HEADERS[count] if count < len(_HEADERS) else b"*%d\r\n" % count, prefix]
+    fresh = _FRESH_ARGUMENTS.get(script, len(args))
+    if not _pack_into(parts, args[:fresh]):
+        return None
+    if fresh < len(args):
+        # What follows the tokens repeats from call to call (ttl, holder, policy, ...): packed once.
+        rest = args[fresh:]
+        tail = _tails.get((script, rest))
+        if tail is None:
+            more: list[bytes] = []
+            if not _pack_into(more, rest):
+                return None
+            tail = b"".join(more)
+            if len(tail) <= 512:
+                if len(_tails) >= 256:
+                    _tails.clear()
+                _tails[(script, rest)] = tail
+        parts.append(tail)
+    return b"".join(parts)
+
+
+def _pack_into(parts: list[bytes], args: tuple[Any, ...]) -> bool:
     for arg in args:
         kind = type(arg)
         if kind is str:
@@ -1564,9 +1585,15 @@ def _pack(script: str, redis_key: str, args: tuple[Any, ...]) -> Optional[bytes]
         elif kind is bytes:
             data = arg
         else:
-            return None
+            return False
         parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
+    return True
+
+
+# How many leading arguments of a hot script are new at every call (its tokens); the rest is packed
+# once per distinct value (they are the library's own ints and strs, so 1 and True never meet here).
+_FRESH_ARGUMENTS: Final = {_ACQUIRE: 1, _RELEASE: 2}
+_tails: dict[tuple[str, tuple[Any, ...]], bytes] = {}
 
 
 def _send_direct(pool: Any, checkout: tuple[str, ...], reconnect: bool, kept: Optional[_Kept], packed: bytes) -> Any:

@@ -198,8 +198,8 @@ def build_st_with_prebuilt(env: Env, key: str) -> Cycle:
     return cycle
 
 
-def build_st_decorated(env: Env, key: str) -> Cycle:
-    @single_run(key=key, client=env.client())
+def build_st_decorated(env: Env, key: str, client: Optional[redis.Redis] = None) -> Cycle:
+    @single_run(key=key, client=env.client() if client is None else client)
     def job() -> int:
         return 1
 
@@ -212,15 +212,7 @@ def build_st_decorated(env: Env, key: str) -> Cycle:
 
 def build_st_decorated_per_command(env: Env, key: str) -> Cycle:
     # A pool configured below redis-py's default size lends a connection for each command.
-    @single_run(key=key, client=env.client(max_connections=50))
-    def job() -> int:
-        return 1
-
-    def cycle() -> None:
-        if job() != 1:
-            raise RuntimeError("single_task: decorated call did not run")
-
-    return cycle
+    return build_st_decorated(env, key, env.client(max_connections=50))
 
 
 def build_st_template(env: Env, key: str) -> Cycle:

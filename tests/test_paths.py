@@ -439,12 +439,12 @@ def test_the_direct_path_sends_the_bytes_redis_py_would(redis_url: str, args: tu
     client = redis.Redis.from_url(redis_url)
     conn = client.connection_pool.get_connection(*single_task._route(client)[2])
     try:
-        for redis_key in ("single_task:{k}", "single_task:{ключ}", "single_task:}{0123456789abcdef}}x"):
-            for _ in range(2):  # the second time from the cached prefix
-                ours = single_task._pack(single_task._RELEASE, redis_key, args)
-                theirs = b"".join(conn.pack_command("EVALSHA", single_task._SHA[single_task._RELEASE], 1, redis_key,
-                                                    *args))
-                assert ours == theirs
+        for script in (single_task._ACQUIRE, single_task._RELEASE, single_task._RENEW):
+            for redis_key in ("single_task:{k}", "single_task:{ключ}", "single_task:}{0123456789abcdef}}x"):
+                for _ in range(2):  # the second time from the cached prefix (and tail)
+                    ours = single_task._pack(script, redis_key, args)
+                    theirs = b"".join(conn.pack_command("EVALSHA", single_task._SHA[script], 1, redis_key, *args))
+                    assert ours == theirs
     finally:
         client.connection_pool.release(conn)
 
