@@ -839,7 +839,7 @@ def _wait(
                 break
             block = max(0.01, min(slice_cap, pttl_ms / 1000.0 + 0.002, end - now))
             asked = time.monotonic()
-            got = client.blpop([handoff], timeout=block)
+            got = _blpop(client, handoff, block)
             sent = time.monotonic()
             if got is not None and not spec.replicas:
                 # Handed over provisionally (for _HANDOFF_MS, counted from before we asked): the
@@ -1432,14 +1432,11 @@ def _call(client: Any, script: str, redis_key: str, *args: Any) -> Any:
         _unloaded[id(client)].discard(script)
         return client.eval(script, 1, redis_key, *args)
     try:
-        route = _routes.get(id(client))
-        if route is None or route[0]() is not client:
-            route = _route(client)
-        pool = route[1]
-        if pool is not None and pool is client.connection_pool:
+        route = _direct_route(client)
+        if route is not None:
             packed = _pack(script, redis_key, args)
             if packed is not None:
-                return _send_direct(pool, route[2], route[3], route[4], packed)
+                return _send_direct(route, packed)
         return client.evalsha(_SHA[script], 1, redis_key, *args)
     except redis.exceptions.NoScriptError:
         if len(_unloaded) >= 1000:  # bounded: a forgotten client pays a NOSCRIPT per script
@@ -1479,6 +1476,26 @@ _routes: dict[int, _Route] = {}
 _routes_lock = threading.Lock()
 _prefixes: dict[str, dict[str, bytes]] = {}  # script -> redis key -> the packed "EVALSHA sha 1 key"
 _HEADERS: Final = tuple(b"*%d\r\n" % n for n in range(32))
+
+
+def _direct_route(client: Any) -> Optional[_Route]:
+    """The route of ``client`` when it takes the direct path, else None."""
+    route = _routes.get(id(client))
+    if route is None or route[0]() is not client:
+        route = _route(client)
+    return route if route[1] is not None and route[1] is client.connection_pool else None
+
+
+def _blpop(client: Any, key: str, timeout: float) -> Any:
+    """``BLPOP key timeout``: None, or [key, value]. On the direct path where it applies, so
+    that a wait cut off by an interrupt drops its connection (redis-py < 5 would lend it again
+    with the BLOCKed command still on it, and the next command would read its reply)."""
+    route = _direct_route(client)
+    if route is None:
+        return client.blpop([key], timeout=timeout)
+    name, seconds = key.encode(), b"%.3f" % timeout
+    return _send_direct(route, b"*3\r\n$5\r\nBLPOP\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+        len(name), name, len(seconds), seconds))
 
 
 def _route(client: Any) -> _Route:
@@ -1596,10 +1613,18 @@ _FRESH_ARGUMENTS: Final = {_ACQUIRE: 1, _RELEASE: 2}
 _tails: dict[tuple[str, tuple[Any, ...]], bytes] = {}
 
 
-def _send_direct(pool: Any, checkout: tuple[str, ...], reconnect: bool, kept: Optional[_Kept], packed: bytes) -> Any:
+def _send_direct(route: _Route, packed: bytes) -> Any:
+    _ref, pool, checkout, reconnect, kept = route
     conn = pool.get_connection(*checkout) if kept is None else kept.take()
     try:
         return conn.retry.call_with_retry(lambda: _round_trip(conn, packed), lambda error: _dropped(conn, error))
+    except BaseException as exc:
+        # Cut off before its reply was read (an interrupt, a time limit): the reply would be read as
+        # the next command's, so the connection goes (redis-py < 5 does not drop it on a
+        # BaseException). An error reply was read whole and leaves the connection in step.
+        if not isinstance(exc, redis.exceptions.ResponseError):
+            conn.disconnect()
+        raise
     finally:
         try:
             if reconnect and conn.should_reconnect():  # redis-py 8: asked to by a maintenance notice
