@@ -1469,8 +1469,8 @@ _CLIENT_METHODS: Final = ("execute_command", "_execute_command", "_send_command_
 _CONNECTION_METHODS: Final = ("send_packed_command", "read_response", "disconnect", "connect")
 _RETRY_ON_ERROR_GATED: Final = hasattr(redis.Redis, "_disconnect_raise")  # redis-py < 5.1
 # A route: (weak reference to the client, its pool or None for the normal path, the arguments
-# of pool.get_connection, whether connections may ask to reconnect after a command, the kept
-# connections of a client the library made).
+# of pool.get_connection, whether connections may ask to reconnect after a command, and the
+# connections its pool lends the scripts for good, or None: see _Kept).
 _Route = tuple[Callable[[], Any], Any, tuple[str, ...], bool, Optional["_Kept"]]
 _routes: dict[int, _Route] = {}
 _routes_lock = threading.Lock()
