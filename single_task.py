@@ -1615,7 +1615,7 @@ _tails: dict[tuple[str, tuple[Any, ...]], bytes] = {}
 
 def _send_direct(route: _Route, packed: bytes) -> Any:
     _ref, pool, checkout, reconnect, kept = route
-    conn = pool.get_connection(*checkout) if kept is None else kept.take()
+    conn = pool.get_connection(*checkout) if kept is None else kept.take(checkout)
     try:
         return conn.retry.call_with_retry(lambda: _round_trip(conn, packed), lambda error: _dropped(conn, error))
     except BaseException as exc:
@@ -1649,22 +1649,22 @@ class _Kept:
     A pool configured smaller, or a blocking one, lends a connection per command as configured.
     """
 
-    __slots__ = ("_pool", "checkout", "idle", "pid")
+    __slots__ = ("_pool", "idle", "pid")
 
     def __init__(self, pool: Any) -> None:
         self._pool = weakref.ref(pool)  # kept as long as the pool, not longer (see _kept_for)
-        self.checkout = _checkout_arguments(pool)
         self.pid = _holder.pid
         self.idle: list[Any] = []  # list.pop and append are atomic: no lock on the hot path
 
-    def take(self) -> Any:
+    def take(self, checkout: tuple[str, ...]) -> Any:
+        """A connection for one command; ``checkout``: the route's pool.get_connection arguments."""
         if self.pid != _holder.pid:
             # A forked child: the parent's sockets are not its own (its pool starts afresh too).
             self.pid, self.idle = _holder.pid, []
         try:
             conn = self.idle.pop()
         except IndexError:
-            return self._pool().get_connection(*self.checkout)  # type: ignore[union-attr]
+            return self._pool().get_connection(*checkout)  # type: ignore[union-attr]
         # What the pool checks at every checkout: a connection with bytes waiting, or closed by
         # the server, is connected anew (redis-py already drops one whose command was cut off).
         try:
